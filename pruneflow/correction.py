@@ -51,16 +51,18 @@ class MomentAccumulator:
         self.n, self.sx, self.st, self.sxx, self.stx, self.stt = 0, None, None, None, None, 0.0
 
     def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        x, t = x.double(), t.double()
+        # Products per batch in float32 (fast), sums across batches in float64 (no drift over many batches).
+        x, t = x.float(), t.float()
         if self.sx is None:
-            self.sx, self.st = x.new_zeros(x.shape[1]), t.new_zeros(t.shape[1])
-            self.sxx, self.stx = x.new_zeros(x.shape[1], x.shape[1]), t.new_zeros(t.shape[1], x.shape[1])
+            f64 = dict(dtype=torch.float64, device=x.device)
+            self.sx, self.st = torch.zeros(x.shape[1], **f64), torch.zeros(t.shape[1], **f64)
+            self.sxx, self.stx = torch.zeros(x.shape[1], x.shape[1], **f64), torch.zeros(t.shape[1], x.shape[1], **f64)
         self.n += x.shape[0]
-        self.sx += x.sum(0)
-        self.st += t.sum(0)
-        self.sxx += x.T @ x
-        self.stx += t.T @ x
-        self.stt += float((t * t).sum())
+        self.sx += x.sum(0).double()
+        self.st += t.sum(0).double()
+        self.sxx += (x.T @ x).double()
+        self.stx += (t.T @ x).double()
+        self.stt += float((t.double() ** 2).sum())
 
     def moments(self) -> Moments:
         n = max(self.n, 1)

@@ -52,13 +52,13 @@ def read_rt_snippets(sdist: str | Path, min_abs_rating: float) -> tuple[list[dic
 def read_user_file(path: str | Path, text_column: str, label_column: str | None) -> tuple[list[dict], dict]:
     path = Path(path)
     if not path.exists():
-        raise DataError(f"prepare.source={path}: file not found")
+        raise DataError(f"prepare.path={path}: file not found")
     if path.suffix == ".jsonl":
         records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     elif path.suffix == ".csv":
         records = list(csv.DictReader(path.open(newline="")))
     else:
-        raise DataError(f"prepare.source={path}: expected a .jsonl or .csv file")
+        raise DataError(f"prepare.path={path}: expected a .jsonl or .csv file")
     if records and text_column not in records[0]:
         raise DataError(f"{path}: no column {text_column!r} (columns: {sorted(records[0])}); set prepare.text_column")
     rows = []
@@ -71,8 +71,9 @@ def read_user_file(path: str | Path, text_column: str, label_column: str | None)
     return rows, {"source": str(path)}
 
 
-def resolve_model_path(spec: str) -> Path:
-    """'package:<module>/<subdir>' points inside an installed package (how real models ship here); else a path."""
+def resolve_model_path(spec: str, root: str | Path = ".") -> Path:
+    """'package:<module>/<subdir>' points inside an installed package (how real models ship here); else a path
+    (relative ones to the project root)."""
     if spec.startswith("package:"):
         module, _, sub = spec[len("package:"):].partition("/")
         found = importlib.util.find_spec(module)
@@ -80,7 +81,7 @@ def resolve_model_path(spec: str) -> Path:
             raise DataError(f"model package {module!r} is not installed: run `make assets`")
         path = Path(list(found.submodule_search_locations)[0]) / sub
     else:
-        path = Path(spec)
+        path = Path(root) / spec
     if not (path / "config.json").exists():
         raise DataError(f"model path {path} has no config.json (expected a Hugging Face model directory)")
     return path

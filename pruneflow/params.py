@@ -28,11 +28,10 @@ class RuntimeParams(Section):
 
 
 class PrepareParams(Section):
-    source: str = Field(
-        "rt_snippets",
-        description="'rt_snippets' (Rotten Tomatoes sentences from the vadersentiment sdist) or a .jsonl/.csv path",
-    )
-    sdist: str = "assets/vaderSentiment-3.3.2.tar.gz"
+    source: Literal["rt_snippets", "file"] = Field(
+        "rt_snippets", description="rt_snippets: Rotten Tomatoes sentences inside the vadersentiment sdist at `path`; "
+                                   "file: your own .jsonl/.csv at `path`")
+    path: str = Field("assets/vaderSentiment-3.3.2.tar.gz", description="the file `source` reads (a DVC dependency)")
     text_column: str = "text"
     label_column: str | None = "label"
     min_abs_rating: float = Field(0.5, ge=0, description="rt_snippets: drop sentences with |rating| below this")
@@ -72,7 +71,6 @@ class KCMParams(Section):
     alpha: float = Field(0.01, gt=0, description="R2 stops when the relative change of C is below alpha")
     max_iter: int = Field(200, ge=1)
     d2: Literal["votes", "energy"] = "votes"
-    d2_topk: float = Field(0.1, gt=0, le=1, description="votes: fraction of neurons each token votes for")
     merge: Literal["rank_sum", "product"] = "rank_sum"
 
 
@@ -82,7 +80,8 @@ class RankParams(Section):
         "auto", description="how heads are ranked; 'auto' = as `method` where it defines a head score"
     )
     ridge: float = Field(1e-4, ge=0, description="ridge on covariances, relative to their mean diagonal")
-    chunk: float = Field(0.01, gt=0, le=0.25, description="obs: fraction of units removed per elimination step")
+    chunk: float = Field(0.01, gt=0, le=0.25, description="neurons removed per elimination step (fraction)")
+    norm_weighting: bool = Field(True, description="measure errors after the following LayerNorm (γ/σ-weighted)")
     kcm: KCMParams = KCMParams()
     seed: int = 0
 
@@ -101,6 +100,7 @@ class CorrectParams(Section):
     method: Literal["none", "bias", "rescale", "lstsq"] = "lstsq"
     sequential: bool = Field(False, description="fit each layer on the already-pruned model's inputs")
     ridge: float = Field(1e-3, ge=0, description="ridge relative to the mean diagonal of the kept covariance")
+    max_samples: int | None = Field(512, ge=1, description="sequential: calibration sentences streamed (of collect's)")
 
     @model_validator(mode="after")
     def _sequential_needs_fit(self) -> "CorrectParams":

@@ -17,8 +17,9 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def load_model(path: str | Path, attn: str = "eager"):
-    """Dense HF directory, or a pruned one (it has a manifest): rebuilt from its per-layer spec, then loaded."""
+def load_model(path: str | Path, attn: str = "sdpa"):
+    """Dense HF directory, or a pruned one (it has a manifest): rebuilt from its per-layer spec, then loaded.
+    sdpa is the fast default; FLOP counting switches to eager attention itself (pruneflow.flops)."""
     from pruneflow.adapters import load_pruned
     from transformers import AutoModelForSequenceClassification
 

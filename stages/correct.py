@@ -107,7 +107,7 @@ def run(params: Params, layout: Layout) -> dict:
         from pruneflow.sequential import correct_sequential
         from stages.collect import calibration_texts
 
-        texts = calibration_texts(params, layout)
+        texts = calibration_texts(params, layout)[: p.max_samples]
         report = correct_sequential(model, pruned_model, keep, p, load_tokenizer(layout.dense), texts,
                                     params.collect.batch_size, params.collect.max_length, device)
     else:

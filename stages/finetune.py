@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 import sys
 import time
 
@@ -77,13 +76,13 @@ def run(params: Params, layout: Layout) -> dict:
         raise ValueError("finetune: the eval split has no labels; accuracy needs a labeled eval split")
     t0 = time.perf_counter()
     if p.task_model:
-        src = resolve_model_path(p.task_model)
+        src = resolve_model_path(p.task_model, layout.root)
         model = load_model(src)
         get_adapter(model)  # fails early, naming the supported architectures
         tokenizer = load_tokenizer(src)
         final_loss, trained = None, False
     else:
-        src = resolve_model_path(p.base_model)
+        src = resolve_model_path(p.base_model, layout.root)
         tokenizer = load_tokenizer(src)
         model = AutoModelForSequenceClassification.from_pretrained(str(src), num_labels=2, attn_implementation="sdpa")
         get_adapter(model)

@@ -1,6 +1,6 @@
 """prepare: materialise the task data.
 
-reads   prepare.source (the vadersentiment sdist's Rotten Tomatoes sentences, or a user's .jsonl/.csv)
+reads   prepare.path (the vadersentiment sdist's Rotten Tomatoes sentences, or a user's .jsonl/.csv)
 writes  data/prepared/{train,eval,calib}.jsonl, data/prepared/provenance.json
 params  prepare
 eval is held out (never used for calibration, selection or fine-tuning); calib is a sample of train texts
@@ -25,12 +25,12 @@ def run(params: Params, layout: Layout) -> dict:
     """Split the task data into train / eval / calib with a fixed seed."""
     p = params.prepare
     if p.source == "rt_snippets":
-        rows, info = read_rt_snippets(layout / p.sdist, p.min_abs_rating)
+        rows, info = read_rt_snippets(layout / p.path, p.min_abs_rating)
         info |= {"package": "vadersentiment==3.3.2 (source distribution)"}
     else:
-        rows, info = read_user_file(p.source, p.text_column, p.label_column)
+        rows, info = read_user_file(layout / p.path, p.text_column, p.label_column)
     if not rows:
-        raise DataError(f"prepare.source={p.source}: no usable text rows (empty calibration data)")
+        raise DataError(f"prepare.path={p.path}: no usable text rows (empty calibration data)")
     rng = random.Random(p.seed)
     order = list(range(len(rows)))
     rng.shuffle(order)

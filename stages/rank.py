@@ -67,6 +67,22 @@ def head_order(method: str, adapter: Adapter, i: int, st: SublayerStats, p: Rank
     return scoring.order_from_scores(scores)
 
 
+def error_space(adapter: Adapter, i: int, name: str, W: torch.Tensor, st: SublayerStats, by_norm: bool
+                ) -> tuple[torch.Tensor, float]:
+    """The output projection as seen after the LayerNorm that follows it, and that space's error scale.
+
+    Post-LN: out = γ ⊙ (s − mean)/σ + β, so an error Δs on the LayerNorm input reaches the next layer as
+    γ ⊙ Δs / σ. Weighting W's rows by γ and dividing errors by E[σ²] makes errors comparable across layers and
+    sublayers (the residual stream's outlier dimensions inflate σ but usually carry small γ). Row weights do not
+    change the least-squares correction (rows are fitted independently), only which units cost least to remove.
+    Without a post-norm (pre-LN decoders) errors are relative to the sublayer's output energy."""
+    norm = adapter.attn_norm(i) if name == "attn" else adapter.ffn_norm(i)
+    if by_norm and norm is not None and st.norm_scale:
+        gamma = norm.weight.detach().double()
+        return W.double() * gamma[:, None], st.norm_scale / W.shape[0]
+    return W.double(), float(torch.einsum("dn,nm,dm->", W.double(), st.cov, W.double()))
+
+
 def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: bool = True) -> dict:
     """Orders and error curves for every layer; pure given the model and statistics."""
     head_method = HEAD_METHODS[p.method] if p.heads == "auto" else p.heads
@@ -83,9 +99,8 @@ def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: boo
             order = (head_order(p.method if head_method == p.method else head_method, adapter, i, st, p)
                      if name == "attn" else neuron_order(p.method, adapter, i, st, p))
             chunk = 1 if name == "attn" else max(1, math.ceil(p.chunk * units))
-            path = scoring.elimination_path(st.cov, W, group, order, chunk, p.ridge)
-            cov_out = float(torch.einsum("dn,nm,dm->", W.double(), st.cov, W.double()))
-            scale = st.norm_scale or cov_out  # post-LN: the LayerNorm's input scale; else the output energy
+            W_eff, scale = error_space(adapter, i, name, W, st, p.norm_weighting)
+            path = scoring.elimination_path(st.cov, W_eff, group, order, chunk, p.ridge)
             entry[name] = {"units": units, "order": path.order, "removed": path.removed,
                            "error": [e / scale for e in path.error], "scale": scale}
         layers.append(entry)

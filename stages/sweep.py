@@ -104,7 +104,7 @@ def run_point(params: Params, layout: Layout, method: str, budget: float) -> dic
         from pruneflow.sequential import correct_sequential
         from stages.collect import calibration_texts
 
-        correct_sequential(ctx.model, pruned_model, keep, p.correct, ctx.tokenizer, calibration_texts(p, layout),
+        correct_sequential(ctx.model, pruned_model, keep, p.correct, ctx.tokenizer, calibration_texts(p, layout)[: p.correct.max_samples],
                            p.collect.batch_size, p.collect.max_length, ctx.device)
     else:
         correct_from_stats(ctx.adapter, pruned, ctx.stats, keep, p.correct)

@@ -19,10 +19,7 @@ from pruneflow.adapters import get_adapter, save_pruned
 from pruneflow.artifacts import write_jsonl
 from pruneflow.params import Params
 from pruneflow.runtime import Layout
-from tiny import tiny_bert, tiny_inputs, tiny_llama
-
-WORDS = ("the a film movie story plot actor acting is was not very really too so good great fun funny smart "
-         "moving bad dull boring slow silly awful and but with of it this that").split()
+from tiny import WORDS, tiny_bert, tiny_inputs, tiny_llama, tiny_tokenizer
 
 # Per-layer kept (dense) indices for 3-layer tiny models: 4 heads (Llama: 2 KV groups of 2), 48 neurons.
 # Non-uniform in every case; one layer keeps no heads or no neurons (its sublayer becomes constant).
@@ -95,16 +92,6 @@ def test_provider_choice_is_what_loads():
 
 
 # --- the stage on a tiny project ------------------------------------------------------------------------
-
-def tiny_tokenizer(directory: Path):
-    """A BertTokenizerFast over a vocabulary written here (no downloads), ids < 120 like tests/tiny.py."""
-    from transformers import BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", *WORDS]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
-
 
 def make_project(root: Path, n_eval: int = 24) -> Layout:
     """tmp project: data/dense (tiny BERT + tokenizer), data/pruned (sliced, non-uniform, a zero-head layer),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers
 
@@ -41,3 +43,17 @@ def tiny_inputs(batch: int = 3, seq: int = 10, seed: int = 1, vocab: int = 120):
         mask[b, seq - 2 * b:] = 0
     ids[mask == 0] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+WORDS = ("the a film movie story plot actor acting is was not very really too so good great fun funny smart "
+         "moving bad dull boring slow silly awful and but with of it this that").split()
+
+
+def tiny_tokenizer(directory: Path):
+    """A BertTokenizerFast over a vocabulary written here (no downloads), ids < 120 like the tiny models."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", *WORDS]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)

@@ -1,0 +1,297 @@
+"""What the Prefect flows share: running one DVC stage as a Prefect task, validating and applying param
+overrides, and rendering markdown tables.
+
+DVC stays the one source of caching and lineage: a task never decides by itself whether a stage is stale,
+it asks `dvc repro --single-item <stage>`, which skips an unchanged stage and records what ran in dvc.lock.
+So a flow run right after a finished `dvc repro` recomputes nothing, and vice versa.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before prefect is imported: its server's telemetry was its only network use, and the temporary local
+# server started by a flow run inherits this environment.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import re
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from pruneflow.artifacts import write_text
+from pruneflow.params import Params, ParamsError, apply_overrides, read_raw, validate_params
+
+# The exit code of a stage's expected, user-fixable failure (pruneflow.runtime.stage_main): bad params,
+# bad data, a missing file. Running it again gives the same error, so it is never retried.
+USER_ERROR_EXIT = 2
+
+# Retries per stage. Only stages whose failures can be transient get them: the heavy compute stages on a
+# shared GPU worker can die of CUDA out-of-memory when another job holds the card, or be killed (OOM killer,
+# preemption), or meet a DVC lock held for a moment by a `dvc status` on the same checkout. prepare (reads
+# local files), select (deterministic FLOP counting) and export (a deterministic tolerance check) fail the
+# same way every time, so a retry only delays the error. Stages not listed (e.g. ones a user adds) get none.
+# Even on those stages only a transient-looking failure is retried (see is_transient): a params error or a bug
+# would fail again, after the stage had burnt its compute time once more.
+STAGE_RETRIES = {"finetune": 2, "collect": 2, "rank": 2, "correct": 2, "evaluate": 2, "benchmark": 2}
+RETRY_DELAY_SECONDS = 30
+TRANSIENT_SIGNS = re.compile(r"out of memory|CUDA error|cuDNN|NCCL|Unable to acquire lock|ConnectionError|"
+                             r"Connection reset|Killed", re.IGNORECASE)
+
+
+class StageError(RuntimeError):
+    """A DVC stage failed; the message is the stage's own error (its `[stage] error: ...` lines)."""
+
+    def __init__(self, stage: str, returncode: int, message: str, transient: bool = False):
+        self.stage, self.returncode, self.message, self.transient = stage, returncode, message, transient
+        super().__init__(f"stage {stage!r} failed (exit {returncode}): {message}")
+
+    def __reduce__(self):  # picklable, for when Prefect persists a failed state's exception
+        return StageError, (self.stage, self.returncode, self.message, self.transient)
+
+
+def is_transient(returncode: int, lines: list[str]) -> bool:
+    """Worth a retry: killed by a signal (OOM killer, preemption: exit < 0, 137, 143), or a failure whose
+    output names a passing cause (CUDA out of memory, DVC's lock, a dropped connection). Never exit 2, the
+    stages' "fix your params or data" code; not an ordinary exception (a bug repeats)."""
+    if returncode == USER_ERROR_EXIT:
+        return False
+    if returncode < 0 or returncode in (137, 143):
+        return True
+    return any(TRANSIENT_SIGNS.search(line) for line in lines)
+
+
+# ----------------------------------------------------------------------------------------- running DVC
+
+
+def dvc_env() -> dict[str, str]:
+    """Environment for DVC and the stages it starts: `python` must resolve to this interpreter's venv."""
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.executable).parent)  # not resolved: a venv's python is a symlink
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")  # stage logs reach the task log as they happen
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def run_dvc(args: list[str], project_dir: str | Path, logger=None, tail: int = 200) -> tuple[int, list[str]]:
+    """Run `dvc <args>` in project_dir with this venv's DVC, streaming its output (stage output included)
+    line by line to `logger`. Returns the exit code and the last `tail` lines."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", *args], cwd=project_dir, env=dvc_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )
+    lines: deque[str] = deque(maxlen=tail)
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.rstrip("\n")
+        lines.append(line)
+        if logger is not None and line.strip():
+            is_error = line.startswith("ERROR") or re.match(r"^\[[\w-]+\] error:", line)
+            (logger.error if is_error else logger.info)(line)
+    return proc.wait(), list(lines)
+
+
+def stage_error_message(stage: str, lines: list[str]) -> str:
+    """The stage's own message: from its `[stage] error:` line up to DVC's closing `ERROR:` line. Without one
+    (a crash with a traceback, a missing command), the last lines of output and DVC's error."""
+    start = next((i for i, l in enumerate(lines) if re.match(rf"^\[{re.escape(stage)}\] error:", l)), None)
+    if start is None:  # a stage that names itself differently still prints "[x] error:"
+        start = next((i for i, l in enumerate(lines) if re.match(r"^\[[\w-]+\] error:", l)), None)
+    if start is not None:
+        own = []
+        for line in lines[start:]:
+            if line.startswith("ERROR:"):
+                break
+            own.append(line)
+        return "\n".join(own).strip()
+    # A crash (traceback) or a command that never started: the output's tail, then DVC's own error line.
+    first_error = next((i for i, l in enumerate(lines) if l.startswith("ERROR")), len(lines))
+    tail = [l for l in lines[:first_error] if l.strip()][-10:]
+    return "\n".join(tail + lines[first_error:]).strip() or "no output"
+
+
+def stage_exit_code(dvc_returncode: int, lines: list[str]) -> int:
+    """The stage command's own exit code: DVC exits 255 on any failure and names the command's code in
+    "ERROR: failed to reproduce 'x': failed to run: <cmd>, exited with 2". DVC's code when the command never ran."""
+    for line in reversed(lines):
+        found = re.search(r"exited with (-?\d+)", line)
+        if line.startswith("ERROR") and found:
+            return int(found.group(1))
+    return dvc_returncode
+
+
+def stage_status(stage: str, lines: list[str]) -> str:
+    """What DVC did: 'ran', 'unchanged' (skipped), or 'restored' (outputs checked out from the run cache)."""
+    text = "\n".join(lines)
+    if f"Stage '{stage}' didn't change" in text:
+        return "unchanged"
+    if f"Stage '{stage}' is cached" in text:
+        return "restored"
+    return "ran"
+
+
+def pipeline_stages(project_dir: str | Path) -> list[str]:
+    """Stage names in dvc.yaml order (the file lists them upstream first)."""
+    path = Path(project_dir) / "dvc.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no dvc.yaml; pass project_dir= the pruneflow checkout (or a DVC project)")
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    if not stages:
+        raise ValueError(f"{path}: no stages defined")
+    return list(stages)
+
+
+def stages_through(project_dir: str | Path, last: str) -> list[str]:
+    """The stages of dvc.yaml up to and including `last`."""
+    stages = pipeline_stages(project_dir)
+    if last not in stages:
+        raise ValueError(f"stage {last!r} is not in {Path(project_dir) / 'dvc.yaml'} (it has: {', '.join(stages)})")
+    return stages[: stages.index(last) + 1]
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: retry a StageError only when it looks transient; anything else (the task
+    itself failing, e.g. the worker losing its connection) may be retried."""
+    exc = getattr(state, "data", None)
+    return exc.transient if isinstance(exc, StageError) else True
+
+
+@task(cache_policy=NO_CACHE)  # DVC decides what is stale, never Prefect's cache
+def reproduce_stage(project_dir: str, stage: str) -> str:
+    """`dvc repro --single-item <stage>`: DVC skips it when nothing it depends on changed."""
+    logger = get_run_logger()
+    returncode, lines = run_dvc(["repro", "--single-item", stage], project_dir, logger)
+    if returncode != 0:
+        code = stage_exit_code(returncode, lines)
+        raise StageError(stage, code, stage_error_message(stage, lines), is_transient(code, lines))
+    status = stage_status(stage, lines)
+    logger.info("stage %s: %s", stage, status)
+    return status
+
+
+def stage_task(stage: str):
+    """The Prefect task that reproduces `stage`, with that stage's retry policy (STAGE_RETRIES)."""
+    retries = STAGE_RETRIES.get(stage, 0)
+    return reproduce_stage.with_options(
+        name=f"dvc-{stage}", task_run_name=stage, retries=retries,
+        retry_delay_seconds=RETRY_DELAY_SECONDS if retries else 0,
+        retry_condition_fn=retry_if_transient if retries else None,
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def dvc_transfer(project_dir: str, command: str, remote: str) -> None:
+    """`dvc pull` / `dvc push` of outputs and the run cache, so workers sharing a remote share results.
+    Transfers are network I/O, so they are retried."""
+    args = [command, "--run-cache", "-r", remote]
+    if command == "pull":
+        args.append("--allow-missing")  # a fresh remote lacks what was never pushed: that is not an error
+    returncode, lines = run_dvc(args, project_dir, get_run_logger())
+    if returncode != 0:
+        errors = [l for l in lines if l.startswith("ERROR")] or lines[-10:]
+        raise RuntimeError(f"dvc {command} -r {remote} failed (exit {returncode}): " + "\n".join(errors))
+
+
+dvc_pull = dvc_transfer.with_options(name="dvc-pull", retries=2, retry_delay_seconds=30)
+dvc_push = dvc_transfer.with_options(name="dvc-push", retries=2, retry_delay_seconds=30)
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _set_in(doc, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = doc
+    for part in parents:
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+def resolve_params(project_dir: str | Path, params_file: str = "params.yaml",
+                   overrides: dict[str, Any] | None = None) -> Params:
+    """Validate params_file with `overrides` applied exactly as a stage would (unknown keys, types, ranges:
+    the error names the key), then write the overrides into params_file so DVC sees them.
+
+    Nothing is written unless the whole result is valid, and a file whose values already match is left
+    untouched (DVC compares values, but a rewrite would still bump the file's mtime)."""
+    path = Path(project_dir) / params_file
+    raw = read_raw(path)
+    params = validate_params(apply_overrides(raw, overrides or {}), f"{path} with overrides {overrides}"
+                             if overrides else str(path))
+    if overrides:
+        _write_overrides(path, params, overrides)
+    return params
+
+
+def _write_overrides(path: Path, params: Params, overrides: dict[str, Any]) -> None:
+    """Round-trip params_file with ruamel (DVC's own YAML library) so the user's comments and order survive;
+    the values written are the validated ones (e.g. "0.4" given as a string is written as 0.4)."""
+    import io
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
+
+    validated = params.model_dump(mode="json")
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    # ruamel writes None as an empty value; keep the `null` the user (and params.yaml's comments) wrote.
+    yaml_rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = yaml_rt.load(path.read_text()) or {}
+    changed = False
+    for dotted in overrides:
+        value = _lookup(validated, dotted)
+        try:
+            current = _lookup(doc, dotted)
+        except (KeyError, TypeError):
+            current = object()
+        if current != value:
+            if isinstance(value, list):  # [8, 128] stays on one line, as params.yaml writes lists
+                value = CommentedSeq(value)
+                value.fa.set_flow_style()
+            _set_in(doc, dotted, value)
+            changed = True
+    if changed:
+        buf = io.StringIO()
+        yaml_rt.dump(doc, buf)
+        write_text(path, buf.getvalue())
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """CLI `--set key=value` pairs; values are YAML (0.4, true, [1, 2], magnitude)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ParamsError(f"--set {item!r}: expected key=value, e.g. --set select.budget=0.4")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- markdown
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return "not run" if v is None else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -283,15 +283,3 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise ParamsError(f"--set {item!r}: expected key=value, e.g. --set select.budget=0.4")
         out[key.strip()] = yaml.safe_load(value)
     return out
-
-
-# ------------------------------------------------------------------------------------------- markdown
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        return "not run" if v is None else str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)

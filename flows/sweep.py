@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 # flows.common first: it turns Prefect's telemetry off before prefect is imported.
-from flows.common import USER_ERROR_EXIT, markdown_table, parse_set, resolve_params, stage_task, stages_through
+from flows.common import USER_ERROR_EXIT, parse_set, resolve_params, stage_task, stages_through
+from pruneflow.report import markdown_table
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE

@@ -51,21 +51,26 @@ def check_feasible(target: int, n_layers: int, H: int, N: int, c: Costs, min_hea
 
 def uniform(n_layers: int, H: int, N: int, c: Costs, target: int, min_heads: int = 1, min_neurons: int = 0,
             multiple_of: int = 1) -> tuple[list[int], list[int]]:
-    """Largest common kept fraction f (heads round(f·H), neurons round(f·N)) whose MACs fit `target`."""
+    """The same counts in every layer: the largest common fraction f of heads (round(f·H)) that leaves room
+    for at least f·N neurons, then as many neurons per layer as the rest of the budget pays for (heads come in
+    coarse steps, so without this fill the budget would be under-spent by up to a head per layer)."""
     check_feasible(target, n_layers, H, N, c, min_heads, min_neurons)
 
-    def counts(f: float) -> tuple[list[int], list[int]]:
-        h = min(H, max(min_heads, round(f * H)))
-        n = min(N, _round_down(round(f * N), multiple_of, min_neurons))
-        return [h] * n_layers, [n] * n_layers
+    def heads_at(f: float) -> int:
+        return min(H, max(min_heads, round(f * H)))
+
+    def neurons_fitting(h: int) -> int:
+        room = (target - c.fixed - n_layers * h * c.head) // (n_layers * c.neuron)
+        return min(N, _round_down(int(room), multiple_of, 0))
 
     lo, hi = 0.0, 1.0
-    if macs(*counts(1.0), c) <= target:
-        return counts(1.0)
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if macs(*counts(mid), c) <= target else (lo, mid)
-    return counts(lo)
+        ok = neurons_fitting(heads_at(mid)) >= max(min_neurons, mid * N)
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    h = heads_at(lo)
+    n = max(min(min_neurons, N), neurons_fitting(h))
+    return [h] * n_layers, [n] * n_layers
 
 
 def by_error(attn: list[Curve], ffn: list[Curve], c: Costs, target: int, min_heads: int = 1, min_neurons: int = 0,

@@ -177,8 +177,9 @@ class Adapter:
         if len(keep_heads) != self.num_layers or len(keep_neurons) != self.num_layers:
             raise ValueError(f"expected keep lists for {self.num_layers} layers, "
                              f"got {len(keep_heads)} (heads) and {len(keep_neurons)} (neurons)")
-        dh, g = self.head_dim, self.group
-        for i in range(self.num_layers):
+        dh = self.head_dim
+        plan = []
+        for i in range(self.num_layers):  # validate every layer before touching any (no half-sliced model)
             heads = sorted(set(int(h) for h in keep_heads[i]))
             neurons = sorted(set(int(j) for j in keep_neurons[i]))
             if heads and (heads[0] < 0 or heads[-1] >= self.dense_heads):
@@ -188,10 +189,11 @@ class Adapter:
             if self.attn_empty(i) or self.ffn_empty(i) or self.shape()[i] != LayerShape(
                     self.dense_heads, self.dense_neurons, self.dense_kv_heads):
                 raise ValueError(f"layer {i} is already sliced; slice a dense model (indices are dense indices)")
+            plan.append((heads, neurons, self.kv_heads_for(heads) if heads else []))
+        for i, (heads, neurons, kv) in enumerate(plan):
             if not heads:
                 self._empty_attn(i)
             elif len(heads) < self.dense_heads:
-                kv = self.kv_heads_for(heads)
                 q_idx = torch.tensor([h * dh + t for h in heads for t in range(dh)])
                 kv_idx = torch.tensor([k * dh + t for k in kv for t in range(dh)])
                 q, k, v = self.attn_in(i)

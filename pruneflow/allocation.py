@@ -50,7 +50,7 @@ def check_feasible(target: int, n_layers: int, H: int, N: int, c: Costs, min_hea
 
 
 def uniform(n_layers: int, H: int, N: int, c: Costs, target: int, min_heads: int = 1, min_neurons: int = 0,
-            multiple_of: int = 1) -> tuple[list[int], list[int]]:
+            multiple_of: int = 1, heads: int | None = None) -> tuple[list[int], list[int]]:
     """The same counts in every layer: the largest common fraction f of heads (round(f·H)) that leaves room
     for at least f·N neurons, then as many neurons per layer as the rest of the budget pays for (heads come in
     coarse steps, so without this fill the budget would be under-spent by up to a head per layer)."""
@@ -63,13 +63,18 @@ def uniform(n_layers: int, H: int, N: int, c: Costs, target: int, min_heads: int
         room = (target - c.fixed - n_layers * h * c.head) // (n_layers * c.neuron)
         return min(N, _round_down(int(room), multiple_of, 0))
 
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        ok = neurons_fitting(heads_at(mid)) >= max(min_neurons, mid * N)
-        lo, hi = (mid, hi) if ok else (lo, mid)
-    h = heads_at(lo)
-    n = max(min(min_neurons, N), neurons_fitting(h))
+    if heads is not None:
+        h = min(H, max(min_heads, heads))
+    else:
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            ok = neurons_fitting(heads_at(mid)) >= max(min_neurons, mid * N)
+            lo, hi = (mid, hi) if ok else (lo, mid)
+        h = heads_at(lo)
+    n = neurons_fitting(h)
+    if n < min(min_neurons, N):
+        raise InfeasibleBudget(macs([h] * n_layers, [min(min_neurons, N)] * n_layers, c))
     return [h] * n_layers, [n] * n_layers
 
 
@@ -102,8 +107,8 @@ def by_error(attn: list[Curve], ffn: list[Curve], c: Costs, target: int, min_hea
             rate = (cv.error[p + 1] - cv.error[p]) / (step * unit[s])
             if best is None or rate < best[0]:
                 best = (rate, l, s, step)
-        if best is None:  # only reachable when check_feasible's floor is exactly the target
-            break
+        if best is None:  # every sublayer at its floor: check_feasible guarantees the target holds there
+            raise InfeasibleBudget(minimum(L, attn[0].units, ffn[0].units, c, min_heads, min_neurons))
         rate, l, s, step = best
         pos[(l, s)] += 1
         kept[(l, s)] -= step

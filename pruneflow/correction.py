@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pruneflow.stats import coarse_mean
+
 METHODS = ("none", "bias", "rescale", "lstsq")
 
 
@@ -45,18 +47,24 @@ def moments_from_dense(cov: torch.Tensor, mean: torch.Tensor, W: torch.Tensor, b
 
 
 class MomentAccumulator:
-    """Streaming Σx, Σt, Σxxᵀ, Σtxᵀ, Σ‖t‖² over tokens (float64), for the sequential variant."""
+    """Streaming moments of x and t over tokens for the sequential variant: products per batch in float32
+    (fast), sums across batches in float64, all around a fixed shift (the first batch's means) so a large
+    mean does not cancel the covariance away."""
 
     def __init__(self) -> None:
-        self.n, self.sx, self.st, self.sxx, self.stx, self.stt = 0, None, None, None, None, 0.0
+        self.n, self.stt = 0, 0.0
+        self.shift_x = self.shift_t = self.sx = self.st = self.sxx = self.stx = None
 
     def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        # Products per batch in float32 (fast), sums across batches in float64 (no drift over many batches).
         x, t = x.float(), t.float()
+        if x.shape[0] == 0:
+            return
         if self.sx is None:
             f64 = dict(dtype=torch.float64, device=x.device)
+            self.shift_x, self.shift_t = coarse_mean(x), coarse_mean(t)
             self.sx, self.st = torch.zeros(x.shape[1], **f64), torch.zeros(t.shape[1], **f64)
             self.sxx, self.stx = torch.zeros(x.shape[1], x.shape[1], **f64), torch.zeros(t.shape[1], x.shape[1], **f64)
+        x, t = x - self.shift_x.float(), t - self.shift_t.float()
         self.n += x.shape[0]
         self.sx += x.sum(0).double()
         self.st += t.sum(0).double()
@@ -67,8 +75,9 @@ class MomentAccumulator:
     def moments(self) -> Moments:
         n = max(self.n, 1)
         mx, mt = self.sx / n, self.st / n
-        return Moments(n=self.n, mean_x=mx, mean_t=mt, cov_xx=self.sxx / n - torch.outer(mx, mx),
-                       cov_tx=self.stx / n - torch.outer(mt, mx), cov_tt_trace=self.stt / n - float(mt @ mt))
+        return Moments(n=self.n, mean_x=self.shift_x + mx, mean_t=self.shift_t + mt,
+                       cov_xx=self.sxx / n - torch.outer(mx, mx), cov_tx=self.stx / n - torch.outer(mt, mx),
+                       cov_tt_trace=self.stt / n - float(mt @ mt))
 
 
 def _ridge_eye(cov: torch.Tensor, ridge: float) -> torch.Tensor:

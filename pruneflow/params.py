@@ -93,6 +93,8 @@ class SelectParams(Section):
     min_heads: int = Field(1, ge=0, description="per layer; 0 lets a layer lose its attention entirely")
     min_neurons: int = Field(16, ge=0, description="per layer; 0 lets a layer lose its FFN entirely")
     multiple_of: int = Field(1, ge=1, description="round kept neuron counts to a multiple of this")
+    uniform_heads: int | None = Field(None, ge=0, description="uniform: keep exactly this many heads per layer "
+                                                             "and spend the rest of the budget on neurons")
     tolerance: float = Field(0.01, gt=0, lt=0.5, description="max relative fvcore/analytic disagreement")
 
 

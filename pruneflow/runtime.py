@@ -102,7 +102,8 @@ def stage_main(name: str, run: Callable[[Params, Layout], dict | None], argv: li
         summary = run(params, Layout(Path(args.root))) or {}
     except (ParamsError, ValueError, FileNotFoundError) as err:
         # Expected, user-fixable problems: one clear message, no traceback, nothing half-written.
-        print(f"[{name}] error: {err}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"[{name}] error: {message}", file=sys.stderr)
         return 2
     wall = time.perf_counter() - t0
     extras = " ".join(f"{k}={v}" for k, v in summary.items())

@@ -26,7 +26,7 @@ import torch
 @dataclass
 class Path:
     order: list[int]  # unit ids, least important first (every unit appears once)
-    removed: list[int]  # number of units removed at each recorded point (0, ..., all but one)
+    removed: list[int]  # number of units removed at each recorded point (0, ..., all)
     error: list[float]  # reconstruction error E‖Δy‖² of the remaining set after lstsq correction
 
 
@@ -50,8 +50,8 @@ def elimination_path(C: torch.Tensor, W: torch.Tensor, group: int = 1, order: li
     position = {int(u): k for k, u in enumerate(alive)}
     removal: list[int] = []
     removed, errors, total = [0], [0.0], 0.0
-    while len(alive) > 1:
-        step = min(chunk, len(alive) - 1)
+    while len(alive) > 0:  # down to nothing: an emptied sublayer keeps only its mean output (bias)
+        step = min(chunk, len(alive))
         if order is not None:
             pick_ids = order[len(removal) : len(removal) + step]
             pick = torch.tensor([position[int(u)] for u in pick_ids])
@@ -73,7 +73,6 @@ def elimination_path(C: torch.Tensor, W: torch.Tensor, group: int = 1, order: li
         position = {int(u): k for k, u in enumerate(alive)}
         removed.append(len(removal))
         errors.append(total)
-    removal.extend(int(u) for u in alive)  # the survivor goes last
     return Path(removal, removed, errors)
 
 

@@ -2,7 +2,7 @@
 
 For every layer and sublayer ("attn", "ffn") we keep the sufficient statistics of the output projection's
 input a (per-head contexts for attention, post-activation neurons for the FFN), over non-padding tokens:
-    n, Σa (float64), Σaaᵀ (float64; per batch in float32, then added into float64), and for the FFN the
+    n, Σa and Σaaᵀ (float64, around a shift; per batch in float32, then added into float64), and for the FFN the
     D2 vote counts of KCM (how often a neuron is among a token's top-k of |a_j|·‖w2_j‖).
 For post-LN encoders we also keep Σ‖s − mean(s)‖² of the residual sum s entering the LayerNorm after the
 sublayer: the LayerNorm divides by that scale, so errors divided by it are comparable across layers.
@@ -22,28 +22,40 @@ from pruneflow.adapters import Adapter
 SUBLAYERS = ("attn", "ffn")
 
 
+def coarse_mean(x: torch.Tensor) -> torch.Tensor:
+    """A batch mean on a 1/256 grid (float64): close enough to remove the cancellation a large mean causes,
+    coarse enough that subtracting it from float32 data is exact."""
+    return torch.round(x.float().mean(0).double() * 256) / 256
+
+
 @dataclass
 class SublayerStats:
+    """Sums are taken around a fixed shift (the first batch's mean), so float32 per-batch products do not lose
+    the covariance to cancellation when activations have a large mean (head contexts carry the value bias)."""
+
     n: int = 0
-    sum: torch.Tensor | None = None  # (N,) float64
-    gram: torch.Tensor | None = None  # (N, N) float64
+    shift: torch.Tensor | None = None  # (N,) float64
+    sum: torch.Tensor | None = None  # (N,) float64, Σ(a − shift)
+    gram: torch.Tensor | None = None  # (N, N) float64, Σ(a − shift)(a − shift)ᵀ
     votes: torch.Tensor | None = None  # (N,) float64, ffn only
     norm_energy: float = 0.0  # Σ_t ‖s_t − mean(s_t)‖² at the post-sublayer LayerNorm input
     norm_tokens: int = 0
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.sum / max(self.n, 1)
+        return self.shift + self.sum / max(self.n, 1)
 
     @property
     def cov(self) -> torch.Tensor:
         """Centered covariance E[(a−μ)(a−μ)ᵀ], float64."""
-        mu = self.mean
-        return self.gram / max(self.n, 1) - torch.outer(mu, mu)
+        m = self.sum / max(self.n, 1)
+        return self.gram / max(self.n, 1) - torch.outer(m, m)
 
     @property
     def second_moment(self) -> torch.Tensor:
-        return self.gram / max(self.n, 1)
+        """Uncentered E[aaᵀ]."""
+        mu = self.mean
+        return self.cov + torch.outer(mu, mu)
 
     @property
     def norm_scale(self) -> float | None:
@@ -52,15 +64,19 @@ class SublayerStats:
 
     def add(self, a: torch.Tensor, vote_weights: torch.Tensor | None, vote_k: int) -> None:
         a32 = a.float()
+        if a32.shape[0] == 0:
+            return
         if self.gram is None:
             N = a.shape[1]
+            self.shift = coarse_mean(a32)
             self.sum = torch.zeros(N, dtype=torch.float64, device=a.device)
             self.gram = torch.zeros(N, N, dtype=torch.float64, device=a.device)
             if vote_weights is not None:
                 self.votes = torch.zeros(N, dtype=torch.float64, device=a.device)
         self.n += a.shape[0]
-        self.sum += a32.sum(0).double()
-        self.gram += (a32.T @ a32).double()
+        c = a32 - self.shift.float()
+        self.sum += c.sum(0).double()
+        self.gram += (c.T @ c).double()
         if vote_weights is not None and vote_k > 0:
             top = (a32.abs() * vote_weights).topk(vote_k, dim=1).indices
             self.votes += torch.bincount(top.reshape(-1), minlength=a.shape[1]).double()
@@ -80,7 +96,7 @@ class Statistics:
                 if s.gram is None:
                     continue
                 p = f"layer{i}.{name}"
-                out[f"{p}.sum"], out[f"{p}.gram"] = s.sum.cpu(), s.gram.cpu()
+                out[f"{p}.shift"], out[f"{p}.sum"], out[f"{p}.gram"] = s.shift.cpu(), s.sum.cpu(), s.gram.cpu()
                 out[f"{p}.meta"] = torch.tensor([s.n, s.norm_energy, s.norm_tokens], dtype=torch.float64)
                 if s.votes is not None:
                     out[f"{p}.votes"] = s.votes.cpu()
@@ -97,7 +113,8 @@ class Statistics:
                     subs[name] = SublayerStats()
                     continue
                 n, energy, ntok = t[f"{p}.meta"].tolist()
-                subs[name] = SublayerStats(int(n), t[f"{p}.sum"], t[f"{p}.gram"], t.get(f"{p}.votes"), energy, int(ntok))
+                subs[name] = SublayerStats(int(n), t[f"{p}.shift"], t[f"{p}.sum"], t[f"{p}.gram"], t.get(f"{p}.votes"),
+                                           energy, int(ntok))
             layers.append(subs)
         return cls(layers, info["tokens"], info["sequences"], info["mean_length"])
 

@@ -45,29 +45,24 @@ def select_units(model, adapter: Adapter, ranking: dict, p: SelectParams, seq_le
     L, H, N = adapter.num_layers, adapter.dense_heads, adapter.dense_neurons
     target = int(p.budget * dense.total) - other
     try:
-        allocation.check_feasible(target, L, H, N, costs, p.min_heads, p.min_neurons)
+        for _ in range(3):
+            heads, neurons = allocate(ranking, p, costs, target, L, H, N)
+            keep_h, keep_n = keep_sets(ranking, heads, neurons)
+            pruned_model = copy.deepcopy(model)
+            get_adapter(pruned_model).slice_(keep_h, keep_n)
+            pruned = count_flops(pruned_model, seq_len, tolerance=p.tolerance)
+            if pruned.total <= p.budget * dense.total:
+                break
+            target -= pruned.total - int(p.budget * dense.total)  # should not happen: the cost model is exact
+        else:
+            raise RuntimeError(f"could not meet select.budget={p.budget}: fvcore counts {pruned.total / dense.total:.4f}")
     except allocation.InfeasibleBudget as e:
         smallest = (int(e.args[0]) + other) / dense.total
         raise ValueError(
             f"select.budget={p.budget} is below the smallest feasible budget {smallest:.4f} for "
-            f"min_heads={p.min_heads}, min_neurons={p.min_neurons} per layer; raise the budget or lower the "
-            f"minimums (0 lets a layer lose a whole sublayer)") from None
-    for _ in range(3):
-        if p.allocation == "uniform":
-            heads, neurons = allocation.uniform(L, H, N, costs, target, p.min_heads, p.min_neurons, p.multiple_of)
-        else:
-            attn = [allocation.Curve(l["attn"]["units"], l["attn"]["removed"], l["attn"]["error"]) for l in ranking["layers"]]
-            ffn = [allocation.Curve(l["ffn"]["units"], l["ffn"]["removed"], l["ffn"]["error"]) for l in ranking["layers"]]
-            heads, neurons = allocation.by_error(attn, ffn, costs, target, p.min_heads, p.min_neurons, p.multiple_of)
-        keep_h, keep_n = keep_sets(ranking, heads, neurons)
-        pruned_model = copy.deepcopy(model)
-        get_adapter(pruned_model).slice_(keep_h, keep_n)
-        pruned = count_flops(pruned_model, seq_len, tolerance=p.tolerance)
-        if pruned.total <= p.budget * dense.total:
-            break
-        target -= pruned.total - int(p.budget * dense.total)  # should not happen: the cost model is exact
-    else:
-        raise RuntimeError(f"could not meet select.budget={p.budget}: fvcore counts {pruned.total / dense.total:.4f}")
+            f"min_heads={p.min_heads}, min_neurons={p.min_neurons}"
+            + (f", uniform_heads={p.uniform_heads}" if p.uniform_heads is not None else "")
+            + " per layer; raise the budget or lower the minimums (0 lets a layer lose a whole sublayer)") from None
     return {
         "budget": p.budget, "allocation": p.allocation, "seq_len": seq_len,
         "ranking": ranking["method"], "head_ranking": ranking.get("head_method"),
@@ -78,6 +73,15 @@ def select_units(model, adapter: Adapter, ranking: dict, p: SelectParams, seq_le
         "analytic_dense": dense.analytic, "analytic_pruned": pruned.analytic,
         "fvcore_vs_analytic": max(dense.rel_diff, pruned.rel_diff),
     }
+
+
+def allocate(ranking: dict, p: SelectParams, costs: allocation.Costs, target: int, L: int, H: int, N: int
+             ) -> tuple[list[int], list[int]]:
+    if p.allocation == "uniform":
+        return allocation.uniform(L, H, N, costs, target, p.min_heads, p.min_neurons, p.multiple_of, p.uniform_heads)
+    curves = {name: [allocation.Curve(l[name]["units"], l[name]["removed"], l[name]["error"]) for l in ranking["layers"]]
+              for name in ("attn", "ffn")}
+    return allocation.by_error(curves["attn"], curves["ffn"], costs, target, p.min_heads, p.min_neurons, p.multiple_of)
 
 
 def resolve_seq_len(p: SelectParams, layout: Layout) -> int:

@@ -61,8 +61,8 @@ def test_path_error_is_the_least_squares_residual(group, units, forced, chunk):
     if forced:
         assert path.order == order
     assert path.removed[0] == 0 and path.error[0] == 0.0
-    assert path.removed[-1] == units - 1  # the last unit is never removed
-    assert all(b - a == min(chunk, units - 1 - a) for a, b in zip(path.removed, path.removed[1:]))
+    assert path.removed[-1] == units  # down to nothing: the last error is the sublayer's whole variance
+    assert all(b - a == min(chunk, units - a) for a, b in zip(path.removed, path.removed[1:]))
     assert len(path.error) == len(path.removed)
     for p, err in enumerate(path.error):
         K = remaining_after(path, p, units)
@@ -112,7 +112,8 @@ def test_order_is_a_permutation(chunk):
 def test_single_unit_path():
     C, W = well_conditioned(1, seed=0)
     path = elimination_path(C, W)
-    assert path.order == [0] and path.removed == [0] and path.error == [0.0]
+    assert path.order == [0] and path.removed == [0, 1] and path.error[0] == 0.0
+    assert path.error[1] == pytest.approx(float(torch.trace(W @ C @ W.T)), rel=1e-3)  # default ridge
 
 
 # --- (d) redundant units are free -----------------------------------------------------------------------------

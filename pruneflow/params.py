@@ -88,7 +88,7 @@ class RankParams(Section):
 
 class SelectParams(Section):
     budget: float = Field(0.5, gt=0, le=1, description="allowed fraction of the dense model's fvcore FLOPs")
-    allocation: Literal["uniform", "error"] = "error"
+    allocation: Literal["uniform", "error"] = "uniform"
     seq_len: int | Literal["auto"] = Field("auto", description="FLOPs are counted at this length; auto = mean calib length")
     min_heads: int = Field(1, ge=0, description="per layer; 0 lets a layer lose its attention entirely")
     min_neurons: int = Field(16, ge=0, description="per layer; 0 lets a layer lose its FFN entirely")
@@ -100,9 +100,9 @@ class SelectParams(Section):
 
 class CorrectParams(Section):
     method: Literal["none", "bias", "rescale", "lstsq"] = "lstsq"
-    sequential: bool = Field(False, description="fit each layer on the already-pruned model's inputs")
+    sequential: bool = Field(True, description="fit each layer on the already-pruned model's inputs")
     ridge: float = Field(1e-3, ge=0, description="ridge relative to the mean diagonal of the kept covariance")
-    max_samples: int | None = Field(512, ge=1, description="sequential: calibration sentences streamed (of collect's)")
+    max_samples: int | None = Field(None, ge=1, description="sequential: use at most this many calibration sentences")
 
     @model_validator(mode="after")
     def _sequential_needs_fit(self) -> "CorrectParams":
@@ -148,7 +148,8 @@ class BenchmarkParams(Section):
 class SweepParams(Section):
     budgets: list[float] = Field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
     methods: list[str] = Field(
-        default_factory=lambda: ["obs", "kcm", "activation", "magnitude", "random", "activation+uniform"],
+        default_factory=lambda: ["obs", "kcm", "activation", "magnitude", "random", "obs+noseq", "obs+error",
+                                 "activation+noseq", "magnitude+none"],
         description="rank methods; '<method>+uniform' uses uniform allocation, '+none' etc. picks a correction",
     )
 

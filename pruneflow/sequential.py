@@ -4,8 +4,9 @@ Layer by layer, the calibration batches flow through two streams: the dense mode
 model as corrected so far (regressors). For a post-LN sublayer the LayerNorm input is s = r + W a + b, with r
 the residual. We fit the pruned sublayer's (W', b') so that r_pruned + W' a_pruned,K + b' matches s_dense:
 the target t = s_dense − r_pruned also carries the drift of every earlier layer, which this refit absorbs.
-Attention is refit first, then the FFN sees the corrected attention. Costs one dense and three pruned passes
-per layer over cached hidden states (memory: two copies of the calibration hidden states).
+Attention is refit first, then the FFN sees the corrected attention. Per layer this costs one dense pass, one
+pruned attention-only pass and one pruned pass; the layer's output comes from the FFN pass's captures. Memory:
+two copies of the calibration hidden states plus one layer's kept FFN activations.
 """
 
 from __future__ import annotations
@@ -66,6 +67,37 @@ class _Capture:
             h.remove()
 
 
+def _after_layer(i: int, hidden: list[torch.Tensor]) -> None:
+    """Test seam: sees the pruned stream after layer i (computed from captures, not by re-running it)."""
+
+
+class _stop_before:
+    """Raise _Stop when `module` is about to run (skips the rest of a layer we do not need)."""
+
+    def __init__(self, module):
+        self.handle = None if module is None else module.register_forward_pre_hook(self._raise)
+
+    @staticmethod
+    def _raise(module, args):
+        raise _Stop
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def _produce(adapter: Adapter, i: int, name: str, out, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """What the sublayer currently adds to the residual: W x + b, or an emptied sublayer's constant."""
+    from stages.correct import constant_of
+
+    if out is not None:
+        return torch.nn.functional.linear(x, out.weight, out.bias)
+    return constant_of(adapter, i, name).bias.to(like.dtype).expand_as(like)
+
+
 def _norm(adapter: Adapter, i: int, name: str):
     return adapter.attn_norm(i) if name == "attn" else adapter.ffn_norm(i)
 
@@ -75,47 +107,80 @@ def _out(adapter: Adapter, i: int, name: str):
     return None if empty else (adapter.attn_out(i) if name == "attn" else adapter.ffn_out(i))
 
 
+class DenseTrace:
+    """The dense model's side of the sequential correction: the calibration batches entering layer 0 and, per
+    layer, the LayerNorm inputs of both sublayers (the targets). Computed layer by layer on demand; with
+    keep=True the targets are kept so several pruned models (a sweep) share one dense pass."""
+
+    def __init__(self, dense_model, tokenizer, texts: list[str], batch_size: int, max_length: int, device: str,
+                 keep: bool = False):
+        self.adapter = get_adapter(dense_model)
+        if not all(self.adapter.attn_norm(i) is not None for i in range(self.adapter.num_layers)):
+            raise ValueError(f"correct.sequential needs a post-LayerNorm architecture; {self.adapter.family} is "
+                             "not one yet (set correct.sequential=false)")
+        dense_model.to(device)
+        self.streams = _layer_inputs(dense_model, self.adapter,
+                                     tokenized_batches(tokenizer, texts, batch_size, max_length, device))
+        self.keep = keep
+        self._hidden = [s[0] for s in self.streams]
+        self._targets: dict[int, dict[str, list[torch.Tensor]]] = {}
+        self._next = 0
+
+    @torch.inference_mode()
+    def targets(self, i: int) -> dict[str, list[torch.Tensor]]:
+        """LayerNorm inputs of layer i's attention and FFN on the dense stream, per batch."""
+        if i in self._targets:
+            return self._targets[i]
+        if i != self._next:
+            raise RuntimeError(f"dense targets are produced in layer order (asked {i}, next {self._next})")
+        out = {"attn": [], "ffn": []}
+        for b, (_, args, kwargs, _) in enumerate(self.streams):
+            with _Capture({n: _norm(self.adapter, i, n) for n in ("attn", "ffn")}) as cap:
+                h_next = self.adapter.layers()[i](self._hidden[b], *args, **kwargs)
+            for n in ("attn", "ffn"):
+                out[n].append(cap.values[n])
+            self._hidden[b] = h_next[0] if isinstance(h_next, tuple) else h_next
+        self._next += 1
+        if self.keep:
+            self._targets[i] = out
+        return out
+
+
 @torch.inference_mode()
 def correct_sequential(dense_model, pruned_model, keep: dict, p: CorrectParams, tokenizer, texts: list[str],
-                       batch_size: int, max_length: int, device: str) -> list[dict]:
-    from stages.correct import constant_of, write_fit
+                       batch_size: int, max_length: int, device: str, trace: DenseTrace | None = None) -> list[dict]:
+    """Refit every pruned layer in order (see the module docstring); `trace` reuses a dense pass."""
+    from stages.correct import write_fit
 
-    dense, pruned = get_adapter(dense_model), get_adapter(pruned_model)
-    if not all(dense.attn_norm(i) is not None for i in range(dense.num_layers)):
-        raise ValueError(f"correct.sequential needs a post-LayerNorm architecture; {dense.family} is not one yet "
-                         "(set correct.sequential=false)")
-    dense_model.to(device), pruned_model.to(device)
-    streams = _layer_inputs(dense_model, dense, tokenized_batches(tokenizer, texts, batch_size, max_length, device))
-    h_dense = [s[0] for s in streams]
+    trace = trace or DenseTrace(dense_model, tokenizer, texts, batch_size, max_length, device)
+    pruned = get_adapter(pruned_model)
+    pruned_model.to(device)
+    streams = trace.streams
     h_pruned = [s[0].clone() for s in streams]
     report = []
-    for i in tqdm(range(dense.num_layers), desc="correct (sequential)"):
-        # Dense targets: the LayerNorm inputs of both sublayers, and the next layer's input.
-        s_dense = {"attn": [], "ffn": []}
-        for b, (_, args, kwargs, mask) in enumerate(streams):
-            with _Capture({n: _norm(dense, i, n) for n in ("attn", "ffn")}) as cap:
-                h_next = dense.layers()[i](h_dense[b], *args, **kwargs)
-            for n in ("attn", "ffn"):
-                s_dense[n].append(cap.values[n])
-            h_dense[b] = h_next[0] if isinstance(h_next, tuple) else h_next
+    for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
+        s_dense = trace.targets(i)
         for name in ("attn", "ffn"):
             out = _out(pruned, i, name)
-            acc = correction.MomentAccumulator()
+            # The attention pass can stop where the FFN starts; the FFN pass's captures give the layer output.
+            stop_at = pruned.ffn_in(i)[0] if name == "attn" and not pruned.ffn_empty(i) else None
+            acc, kept = correction.MomentAccumulator(), []
             for b, (_, args, kwargs, mask) in enumerate(streams):
-                with _Capture({"x": out, "s": _norm(pruned, i, name)}) as cap:
-                    pruned.layers()[i](h_pruned[b], *args, **kwargs)
+                with _Capture({"x": out, "s": _norm(pruned, i, name)}) as cap, _stop_before(stop_at):
+                    try:
+                        pruned.layers()[i](h_pruned[b], *args, **kwargs)
+                    except _Stop:
+                        pass
                 s = cap.values["s"]
-                if out is not None:
-                    x = cap.values["x"]
-                    produced = torch.nn.functional.linear(x, out.weight, out.bias)
-                else:
-                    x = s[..., :0]
-                    produced = constant_of(pruned, i, name).bias.expand_as(s)
-                t = s_dense[name][b] - (s - produced)  # dense LayerNorm input minus the pruned residual
-                acc.add(x.reshape(-1, x.shape[-1])[mask], t.reshape(-1, t.shape[-1])[mask])
+                x = cap.values["x"] if out is not None else s[..., :0]
+                residual = s - _produce(pruned, i, name, out, x, s)
+                t = s_dense[name][b] - residual  # dense LayerNorm input minus the pruned residual
+                acc.add(x.flatten(0, -2)[mask], t.flatten(0, -2)[mask])
+                if name == "ffn":
+                    kept.append((x, residual))
             m = acc.moments()
             if out is None:
-                W_K, b = m.cov_tx, None  # (d, 0)
+                W_K, b = m.cov_tx, None  # (d, 0): only the mean output remains
                 W_new, b_new = W_K, m.mean_t
             else:
                 W_K, b = out.weight.detach(), (out.bias.detach() if out.bias is not None else None)
@@ -125,7 +190,9 @@ def correct_sequential(dense_model, pruned_model, keep: dict, p: CorrectParams, 
                            "rel_error_sliced": correction.error(m, W_K, b) / scale,
                            "rel_error_corrected": correction.error(m, W_new, b_new) / scale})
             write_fit(pruned, i, name, W_new, b_new)
-        for b, (_, args, kwargs, mask) in enumerate(streams):
-            h_next = pruned.layers()[i](h_pruned[b], *args, **kwargs)
-            h_pruned[b] = h_next[0] if isinstance(h_next, tuple) else h_next
+        norm = pruned.ffn_norm(i)  # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
+        out = _out(pruned, i, "ffn")
+        for b, (x, residual) in enumerate(kept):
+            h_pruned[b] = norm(_produce(pruned, i, "ffn", out, x, residual) + residual)
+        _after_layer(i, h_pruned)
     return report

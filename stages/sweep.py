@@ -4,8 +4,9 @@ reads   data/dense, data/stats, data/prepared/eval.jsonl
 writes  metrics/sweep.json, plots/sweep.csv (a dvc plots curve), plots/sweep.md (the README table),
         plots/sweep.png
 params  sweep (grid), rank, select, correct, evaluate, runtime (defaults for what a point does not name)
-A point's method spec is `<rank method>[+<allocation>][+<correction>][+seq]`, e.g. `obs`, `activation+uniform`,
-`magnitude+none`, `obs+uniform+rescale`. Every point re-uses the one set of calibration statistics; each rank
+A point's method spec is `<rank method>[+<allocation>][+<correction>][+seq|+noseq]`; what it does not name
+comes from params.yaml (`+none` implies `+noseq`). E.g. `obs`, `activation+noseq`, `magnitude+none`, `obs+error`.
+Every point re-uses the one set of calibration statistics; each rank
 method is computed once; the dense model's eval predictions once.
 """
 
@@ -40,12 +41,12 @@ def parse_spec(spec: str, params: Params) -> Params:
         if mod in ALLOCATIONS:
             select = select.model_copy(update={"allocation": mod})
         elif mod in CORRECTIONS:
-            correct = correct.model_copy(update={"method": mod})
-        elif mod == "seq":
-            correct = correct.model_copy(update={"sequential": True})
+            correct = correct.model_copy(update={"method": mod} | ({"sequential": False} if mod == "none" else {}))
+        elif mod in ("seq", "noseq"):
+            correct = correct.model_copy(update={"sequential": mod == "seq"})
         else:
             raise ValueError(f"sweep method {spec!r}: unknown modifier {mod!r} (allocations {ALLOCATIONS}, "
-                             f"corrections {CORRECTIONS}, or 'seq')")
+                             f"corrections {CORRECTIONS}, or seq/noseq)")
     return Params.model_validate(params.model_dump() | {"rank": rank.model_dump(), "select": select.model_dump(),
                                                         "correct": correct.model_dump()})
 
@@ -72,6 +73,19 @@ class _Context:
         self.dense_logits = predict_logits(self.model, self.tokenizer, self.texts, params.evaluate.batch_size,
                                            params.evaluate.max_length, self.device)
         self.rankings: dict[str, tuple[dict, float]] = {}
+        self.traces: dict[str, object] = {}
+
+    def dense_trace(self, p: Params, layout: Layout):
+        """One dense pass over the calibration text, shared by every sequential point."""
+        from pruneflow.sequential import DenseTrace
+        from stages.collect import calibration_texts
+
+        key = f"{p.correct.max_samples}/{p.collect.batch_size}/{p.collect.max_length}"
+        if key not in self.traces:
+            texts = calibration_texts(p, layout)[: p.correct.max_samples]
+            self.traces[key] = DenseTrace(self.model, self.tokenizer, texts, p.collect.batch_size,
+                                          p.collect.max_length, self.device, keep=True)
+        return self.traces[key]
 
 
 @lru_cache(maxsize=2)
@@ -102,10 +116,9 @@ def run_point(params: Params, layout: Layout, method: str, budget: float) -> dic
     keep = {"attn": sel["keep_heads"], "ffn": sel["keep_neurons"]}
     if p.correct.sequential:
         from pruneflow.sequential import correct_sequential
-        from stages.collect import calibration_texts
 
-        correct_sequential(ctx.model, pruned_model, keep, p.correct, ctx.tokenizer, calibration_texts(p, layout)[: p.correct.max_samples],
-                           p.collect.batch_size, p.collect.max_length, ctx.device)
+        correct_sequential(ctx.model, pruned_model, keep, p.correct, ctx.tokenizer, [], 0, 0, ctx.device,
+                           trace=ctx.dense_trace(p, layout))
     else:
         correct_from_stats(ctx.adapter, pruned, ctx.stats, keep, p.correct)
     prune_seconds = time.perf_counter() - t0 + rank_seconds

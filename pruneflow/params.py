@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ParamsError(ValueError):
@@ -100,15 +100,10 @@ class SelectParams(Section):
 
 class CorrectParams(Section):
     method: Literal["none", "bias", "rescale", "lstsq"] = "lstsq"
-    sequential: bool = Field(True, description="fit each layer on the already-pruned model's inputs")
+    sequential: bool = Field(True, description="fit each layer on the already-pruned model's inputs "
+                                               "(ignored by method none, which fits nothing)")
     ridge: float = Field(1e-3, ge=0, description="ridge relative to the mean diagonal of the kept covariance")
     max_samples: int | None = Field(None, ge=1, description="sequential: use at most this many calibration sentences")
-
-    @model_validator(mode="after")
-    def _sequential_needs_fit(self) -> "CorrectParams":
-        if self.sequential and self.method == "none":
-            raise ValueError("sequential=true needs a fitting method (bias, rescale or lstsq), not 'none'")
-        return self
 
 
 class EvaluateParams(Section):

@@ -103,7 +103,7 @@ def run(params: Params, layout: Layout) -> dict:
     pruned = get_adapter(pruned_model)
     pruned.slice_(sel["keep_heads"], sel["keep_neurons"])
     keep = {"attn": sel["keep_heads"], "ffn": sel["keep_neurons"]}
-    if p.sequential:
+    if p.sequential and p.method != "none":
         from pruneflow.sequential import correct_sequential
         from stages.collect import calibration_texts
 
@@ -114,10 +114,11 @@ def run(params: Params, layout: Layout) -> dict:
         report = correct_from_stats(adapter, pruned, load_statistics(layout, adapter.num_layers), keep, p)
     seconds = time.perf_counter() - t0
     info = {k: sel[k] for k in ("budget", "allocation", "seq_len", "ranking", "flops_dense", "flops_pruned", "flops_ratio")}
-    info |= {"correction": p.method, "sequential": p.sequential}
+    sequential = p.sequential and p.method != "none"
+    info |= {"correction": p.method, "sequential": sequential}
     save_pruned(pruned_model, layout.pruned, sel["keep_heads"], sel["keep_neurons"], info, load_tokenizer(layout.dense))
     mean = lambda key: sum(r[key] for r in report) / len(report)  # noqa: E731
-    metrics = {"method": p.method, "sequential": p.sequential, "seconds": round(seconds, 2),
+    metrics = {"method": p.method, "sequential": sequential, "seconds": round(seconds, 2),
                "mean_rel_error_sliced": mean("rel_error_sliced"), "mean_rel_error_corrected": mean("rel_error_corrected"),
                "layers": report}
     write_json(layout.metrics / "correct.json", metrics)

@@ -5,7 +5,7 @@ writes  metrics/sweep.json, plots/sweep.csv (a dvc plots curve), plots/sweep.md 
         plots/sweep.png
 params  sweep (grid), rank, select, correct, evaluate, runtime (defaults for what a point does not name)
 A point's method spec is `<rank method>[+<allocation>][+<correction>][+seq|+noseq]`; what it does not name
-comes from params.yaml (`+none` implies `+noseq`). E.g. `obs`, `activation+noseq`, `magnitude+none`, `obs+error`.
+comes from params.yaml (`+none` fits nothing, so it is never sequential). E.g. `obs`, `activation+noseq`, `magnitude+none`, `obs+error`.
 Every point re-uses the one set of calibration statistics; each rank
 method is computed once; the dense model's eval predictions once.
 """
@@ -41,7 +41,7 @@ def parse_spec(spec: str, params: Params) -> Params:
         if mod in ALLOCATIONS:
             select = select.model_copy(update={"allocation": mod})
         elif mod in CORRECTIONS:
-            correct = correct.model_copy(update={"method": mod} | ({"sequential": False} if mod == "none" else {}))
+            correct = correct.model_copy(update={"method": mod})
         elif mod in ("seq", "noseq"):
             correct = correct.model_copy(update={"sequential": mod == "seq"})
         else:
@@ -114,7 +114,7 @@ def run_point(params: Params, layout: Layout, method: str, budget: float) -> dic
     pruned = get_adapter(pruned_model)
     pruned.slice_(sel["keep_heads"], sel["keep_neurons"])
     keep = {"attn": sel["keep_heads"], "ffn": sel["keep_neurons"]}
-    if p.correct.sequential:
+    if p.correct.sequential and p.correct.method != "none":
         from pruneflow.sequential import correct_sequential
 
         correct_sequential(ctx.model, pruned_model, keep, p.correct, ctx.tokenizer, [], 0, 0, ctx.device,

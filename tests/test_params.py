@@ -2,8 +2,8 @@
 
 It proves: the defaults and the repo's params.yaml validate; unknown keys (top level and nested) fail with a
 ParamsError naming the dotted key and listing the known keys there; out-of-range and wrongly typed values fail
-naming the key (select.budget must lie in (0, 1]); the cross-field rule sequential=true needs a fitting
-method; `apply_overrides` sets dotted keys without touching its input; a missing params file is a
+naming the key (select.budget must lie in (0, 1]); correct.method=none is accepted with sequential=true
+(it fits nothing); `apply_overrides` sets dotted keys without touching its input; a missing params file is a
 ParamsError; `stage_main` turns a bad `--set` into exit code 2 and a `[name] error:` message, no traceback.
 """
 
@@ -95,12 +95,11 @@ def test_wrong_type_fails_naming_the_key():
     assert "benchmark.batch_sizes" in msg
 
 
-def test_sequential_without_a_fitting_method_fails():
-    msg = error_of({"correct": {"sequential": True, "method": "none"}})
-    assert "correct" in msg and "sequential" in msg
+def test_sequential_with_method_none_is_allowed_and_fits_nothing():
+    # `dvc exp run -S correct.method=none` must work with the default sequential=true: none fits nothing.
+    assert validate_params({"correct": {"sequential": True, "method": "none"}}).correct.method == "none"
     for ok in ("bias", "rescale", "lstsq"):
         assert validate_params({"correct": {"sequential": True, "method": ok}}).correct.sequential
-    assert validate_params({"correct": {"sequential": False, "method": "none"}}).correct.method == "none"
 
 
 def test_several_problems_are_all_reported():

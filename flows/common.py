@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pruneflow.artifacts import write_text
 from pruneflow.params import Params, ParamsError, apply_overrides, read_raw, validate_params
+from pruneflow.params import parse_overrides as parse_set  # noqa: F401  (the flows' CLI --set)
 
 # The exit code of a stage's expected, user-fixable failure (pruneflow.runtime.stage_main): bad params,
 # bad data, a missing file. Running it again gives the same error, so it is never retried.
@@ -272,14 +273,3 @@ def _write_overrides(path: Path, params: Params, overrides: dict[str, Any]) -> N
         buf = io.StringIO()
         yaml_rt.dump(doc, buf)
         write_text(path, buf.getvalue())
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """CLI `--set key=value` pairs; values are YAML (0.4, true, [1, 2], magnitude)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ParamsError(f"--set {item!r}: expected key=value, e.g. --set select.budget=0.4")
-        out[key.strip()] = yaml.safe_load(value)
-    return out

@@ -216,6 +216,17 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return out
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """CLI `--set key=value` pairs; values are YAML (0.4, true, [1, 2], magnitude)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ParamsError(f"--set {item!r}: expected key=value, e.g. --set select.budget=0.4")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def read_raw(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from pruneflow.params import Params, ParamsError, load_params
+from pruneflow.params import Params, ParamsError, load_params, parse_overrides
 
 log = logging.getLogger("pruneflow")
 
@@ -77,16 +75,6 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ParamsError(f"--set {item!r}: expected key=value, e.g. --set select.budget=0.5")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def stage_main(name: str, run: Callable[[Params, Layout], dict | None], argv: list[str] | None = None) -> int:
     """CLI entry of one stage: `python -m stages.<name> [--params params.yaml] [--root .] [--set k=v ...]`."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=(run.__doc__ or "").strip())
@@ -98,7 +86,7 @@ def stage_main(name: str, run: Callable[[Params, Layout], dict | None], argv: li
     setup_logging()
     t0 = time.perf_counter()
     try:
-        params = load_params(args.params, _parse_overrides(args.overrides))
+        params = load_params(args.params, parse_overrides(args.overrides))
         summary = run(params, Layout(Path(args.root))) or {}
     except (ParamsError, ValueError, FileNotFoundError) as err:
         # Expected, user-fixable problems: one clear message, no traceback, nothing half-written.

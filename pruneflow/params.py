@@ -102,7 +102,7 @@ class CorrectParams(Section):
     method: Literal["none", "bias", "rescale", "lstsq"] = "lstsq"
     sequential: bool = Field(True, description="fit each layer on the already-pruned model's inputs "
                                                "(ignored by method none, which fits nothing)")
-    ridge: float = Field(1e-3, ge=0, description="ridge relative to the mean diagonal of the kept covariance")
+    ridge: float = Field(1e-2, ge=0, description="ridge relative to the mean diagonal of the kept covariance")
     max_samples: int | None = Field(None, ge=1, description="sequential: use at most this many calibration sentences")
 
 

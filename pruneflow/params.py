@@ -57,6 +57,9 @@ class FinetuneParams(Section):
 
 class CollectParams(Section):
     batch_size: int = Field(64, ge=1)
+    max_tokens: int | None = Field(2048, ge=8, description="cap on batch × padded length: flat peak memory")
+    return_memory: bool = Field(True, description="mmap large buffers so freed memory goes back to the OS "
+                                                  "(flat peak RSS; costs about 25% collect time on CPU)")
     max_length: int = Field(128, ge=8)
     max_samples: int | None = Field(None, ge=1, description="use at most this many calibration sentences")
     vote_topk: float = Field(0.1, gt=0, le=1, description="KCM D2: fraction of neurons each token votes for")

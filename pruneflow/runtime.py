@@ -64,6 +64,18 @@ def setup_torch(params: Params) -> str:
     return pick_device(params.runtime.device)
 
 
+def release_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> None:
+    """Serve allocations above `threshold_bytes` with mmap, so freeing them returns memory to the OS. glibc
+    otherwise keeps freed heap blocks, and batches of ever-different shapes make the process's peak RSS grow
+    with the number of batches although nothing is retained (glibc only; elsewhere a no-op)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold_bytes)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

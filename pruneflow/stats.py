@@ -163,12 +163,26 @@ class _Collector:
         self.handles.clear()
 
 
-def tokenized_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, device: str):
-    """Length-sorted batches (little padding) of tokenized text, with their attention masks."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for b in range(0, len(order), batch_size):
-        chunk = [texts[i] for i in order[b : b + batch_size]]
-        yield tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+def tokenized_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, device: str,
+                      max_tokens: int | None = None):
+    """Length-sorted batches (little padding) of tokenized text with their attention masks. With max_tokens,
+    a batch also stops growing once batch × padded length would pass it, so peak activation memory does not
+    depend on how long the longest calibration sentences are."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    batch: list[int] = []
+    for i in order:
+        full = len(batch) == batch_size or (max_tokens and batch and (len(batch) + 1) * lengths[i] > max_tokens)
+        if full:
+            yield _encode(tokenizer, [texts[j] for j in batch], max_length, device)
+            batch = []
+        batch.append(i)
+    if batch:
+        yield _encode(tokenizer, [texts[j] for j in batch], max_length, device)
+
+
+def _encode(tokenizer, texts: list[str], max_length: int, device: str):
+    return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
 
 
 @torch.inference_mode()

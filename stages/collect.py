@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from pruneflow.adapters import get_adapter
 from pruneflow.artifacts import read_jsonl, save_tensors, write_json
 from pruneflow.params import Params
-from pruneflow.runtime import Layout, peak_rss_mb, setup_torch, stage_main
+from pruneflow.runtime import Layout, peak_rss_mb, release_freed_memory_to_os, setup_torch, stage_main
 from pruneflow.stats import collect_statistics, tokenized_batches
 from pruneflow.task import load_model, load_tokenizer
 
@@ -47,12 +47,14 @@ def time_forward(model, batches) -> float:
 def run(params: Params, layout: Layout) -> dict:
     """Accumulate Gram matrices, means and D2 votes of every sublayer over the calibration set."""
     p = params.collect
+    if p.return_memory:  # flat peak memory: what we keep is O(N²) per layer, never O(samples)
+        release_freed_memory_to_os()
     device = setup_torch(params)
     texts = calibration_texts(params, layout)
     model = load_model(layout.dense, attn="sdpa").to(device)
     adapter = get_adapter(model)
     tokenizer = load_tokenizer(layout.dense)
-    batches = lambda: tokenized_batches(tokenizer, texts, p.batch_size, p.max_length, device)  # noqa: E731
+    batches = lambda: tokenized_batches(tokenizer, texts, p.batch_size, p.max_length, device, p.max_tokens)  # noqa: E731
 
     forward_seconds = time_forward(model, batches()) if p.time_forward else None
     t0 = time.perf_counter()

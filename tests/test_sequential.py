@@ -37,8 +37,9 @@ def test_propagated_outputs_equal_a_forward_pass(tmp_path, factory, monkeypatch)
     propagated = {}
     monkeypatch.setattr(sequential, "_after_layer", lambda i, h: propagated.__setitem__(i, h[0].clone()))
     sequential.correct_sequential(dense, pruned, {}, CorrectParams(method="lstsq", sequential=True), tok, TEXTS,
-                                  len(TEXTS), 32, "cpu")  # one batch: its order is the tokenizer's (length-sorted)
-    order = sorted(range(len(TEXTS)), key=lambda i: len(TEXTS[i]))
+                                  len(TEXTS), 32, "cpu")  # one batch, sorted by token length
+    lengths = [len(ids) for ids in tok(TEXTS, truncation=True, max_length=32)["input_ids"]]
+    order = sorted(range(len(TEXTS)), key=lambda i: lengths[i])  # the batching order (by token length)
     enc = tok([TEXTS[i] for i in order], padding=True, truncation=True, max_length=32, return_tensors="pt")
     with torch.no_grad():
         real = pruned(**enc, output_hidden_states=True).hidden_states

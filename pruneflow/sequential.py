@@ -147,12 +147,10 @@ class DenseTrace:
 
 
 @torch.inference_mode()
-def correct_sequential(dense_model, pruned_model, keep: dict, p: CorrectParams, tokenizer, texts: list[str],
-                       batch_size: int, max_length: int, device: str, trace: DenseTrace | None = None) -> list[dict]:
-    """Refit every pruned layer in order (see the module docstring); `trace` reuses a dense pass."""
+def correct_sequential(pruned_model, p: CorrectParams, trace: DenseTrace, device: str) -> list[dict]:
+    """Refit every pruned layer in order against the dense model's `trace` (see the module docstring)."""
     from stages.correct import write_fit
 
-    trace = trace or DenseTrace(dense_model, tokenizer, texts, batch_size, max_length, device)
     pruned = get_adapter(pruned_model)
     pruned_model.to(device)
     streams = trace.streams

@@ -104,12 +104,13 @@ def run(params: Params, layout: Layout) -> dict:
     pruned.slice_(sel["keep_heads"], sel["keep_neurons"])
     keep = {"attn": sel["keep_heads"], "ffn": sel["keep_neurons"]}
     if p.sequential and p.method != "none":
-        from pruneflow.sequential import correct_sequential
+        from pruneflow.sequential import DenseTrace, correct_sequential
         from stages.collect import calibration_texts
 
         texts = calibration_texts(params, layout)[: p.max_samples]
-        report = correct_sequential(model, pruned_model, keep, p, load_tokenizer(layout.dense), texts,
-                                    params.collect.batch_size, params.collect.max_length, device)
+        trace = DenseTrace(model, load_tokenizer(layout.dense), texts, params.collect.batch_size,
+                           params.collect.max_length, device)
+        report = correct_sequential(pruned_model, p, trace, device)
     else:
         report = correct_from_stats(adapter, pruned, load_statistics(layout, adapter.num_layers), keep, p)
     seconds = time.perf_counter() - t0

@@ -117,8 +117,7 @@ def run_point(params: Params, layout: Layout, method: str, budget: float) -> dic
     if p.correct.sequential and p.correct.method != "none":
         from pruneflow.sequential import correct_sequential
 
-        correct_sequential(ctx.model, pruned_model, keep, p.correct, ctx.tokenizer, [], 0, 0, ctx.device,
-                           trace=ctx.dense_trace(p, layout))
+        correct_sequential(pruned_model, p.correct, ctx.dense_trace(p, layout), ctx.device)
     else:
         correct_from_stats(ctx.adapter, pruned, ctx.stats, keep, p.correct)
     prune_seconds = time.perf_counter() - t0 + rank_seconds

@@ -162,3 +162,16 @@ def test_user_task_model_is_adopted_without_training(tmp_path):
     run_chain(adopted, ["prepare", "finetune"])
     m = json.loads((adopted / "metrics/finetune.json").read_text())
     assert m["trained"] is False and m["accuracy"] == json.loads((root / "metrics/finetune.json").read_text())["accuracy"]
+
+
+def test_sweep_writes_table_csv_and_plot(tmp_path):
+    root = make_tiny_project(tmp_path / "p", {"sweep": {"methods": ["obs", "activation+noseq", "magnitude+none"]}})
+    run_chain(root, PRUNE_CHAIN[:3] + ["sweep"])
+    rows = json.loads((root / "metrics/sweep.json").read_text())["points"]
+    assert {(r["method"], r["budget"]) for r in rows} == {(m, b) for m in ("obs", "activation+noseq", "magnitude+none")
+                                                          for b in (0.8, 0.5)}
+    assert all(r["flops_ratio"] <= r["budget"] + 1e-9 for r in rows)
+    table = (root / "plots/sweep.md").read_text()
+    assert "| obs |" in table and "| magnitude+none |" in table
+    assert (root / "plots/sweep.png").stat().st_size > 0
+    assert (root / "plots/sweep.csv").read_text().startswith("method,budget,flops_ratio")

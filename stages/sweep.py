@@ -159,6 +159,7 @@ def write_report(rows: list[dict], layout: Layout, params: Params | None = None)
 
 
 def _plot(rows: list[dict], layout: Layout) -> None:
+    """Accuracy vs FLOP fraction, one line per method: the full range, and a zoom on the methods near dense."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,20 +167,24 @@ def _plot(rows: list[dict], layout: Layout) -> None:
 
     from pruneflow.artifacts import atomic_path
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for m in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["flops_ratio"], 100 * r["accuracy_pruned"]) for r in rows if r["method"] == m)
-        ax.plot(*zip(*pts), marker="o", label=m)
-    if rows:
-        ax.axhline(100 * rows[0]["accuracy_dense"], color="gray", ls="--", lw=1, label="dense")
-    ax.set_xlabel("FLOPs of pruned / dense (fvcore)")
-    ax.set_ylabel("eval accuracy (%)")
-    ax.set_ylim(bottom=max(45, ax.get_ylim()[0]))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    dense = 100 * rows[0]["accuracy_dense"] if rows else None
+    for ax, zoom in zip(axes, (False, True)):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["flops_ratio"], 100 * r["accuracy_pruned"]) for r in rows if r["method"] == m)
+            ax.plot(*zip(*pts), marker="o", ms=4, label=m)
+        if dense is not None:
+            ax.axhline(dense, color="gray", ls="--", lw=1, label="dense")
+            if zoom:
+                ax.set_ylim(dense - 4, dense + 0.7)
+        ax.set_xlabel("FLOPs of pruned / dense (fvcore)")
+        ax.set_ylabel("eval accuracy (%)")
+        ax.set_title("zoom: within 4 points of dense" if zoom else "all methods")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     with atomic_path(layout.plots / "sweep.png", ".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

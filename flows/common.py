@@ -27,7 +27,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pruneflow.artifacts import write_text
-from pruneflow.params import Params, ParamsError, apply_overrides, read_raw, validate_params
+from pruneflow.params import Params, apply_overrides, read_raw, validate_params
 from pruneflow.params import parse_overrides as parse_set  # noqa: F401  (the flows' CLI --set)
 
 # The exit code of a stage's expected, user-fixable failure (pruneflow.runtime.stage_main): bad params,

@@ -103,6 +103,24 @@ class Adapter:
     def ffn_empty(self, i: int) -> bool: raise NotImplementedError
     def fixed_macs(self, seq_len: int) -> int: raise NotImplementedError  # classifier / lm head, per sequence
 
+    def _constant(self, i: int, name: str) -> "ConstantSublayer": raise NotImplementedError
+
+    # --- by sublayer name ("attn" | "ffn"): what statistics, ranking and correction iterate over ---------
+    def out_proj(self, i: int, name: str) -> nn.Linear:
+        return self.attn_out(i) if name == "attn" else self.ffn_out(i)
+
+    def norm(self, i: int, name: str) -> nn.Module | None:
+        return self.attn_norm(i) if name == "attn" else self.ffn_norm(i)
+
+    def empty(self, i: int, name: str) -> bool:
+        return self.attn_empty(i) if name == "attn" else self.ffn_empty(i)
+
+    def constant(self, i: int, name: str) -> "ConstantSublayer":
+        """The stand-in of an emptied sublayer (where slicing put it)."""
+        if not self.empty(i, name):
+            raise ValueError(f"layer {i} {name} is not empty")
+        return self._constant(i, name)
+
     # --- shared -------------------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
@@ -248,6 +266,10 @@ class BertAdapter(Adapter):
         L.intermediate = nn.Identity()
         L.output.dense = ConstantSublayer(self.hidden, L.output.dense.bias)
 
+    def _constant(self, i, name):
+        L = self.layers()[i]
+        return L.attention if name == "attn" else L.output.dense
+
     def fixed_macs(self, seq_len):
         d, c = self.hidden, self.config.num_labels
         has_pooler = getattr(self.model.base_model, "pooler", None) is not None
@@ -290,6 +312,9 @@ class DistilBertAdapter(Adapter):
     def _empty_ffn(self, i):
         self.layers()[i].ffn = ConstantSublayer(self.hidden, self.ffn_out(i).bias)
 
+    def _constant(self, i, name):
+        return self.layers()[i].attention if name == "attn" else self.layers()[i].ffn
+
     def fixed_macs(self, seq_len):
         d, c = self.hidden, self.config.num_labels
         return (d * d + d * c) if hasattr(self.model, "classifier") else 0
@@ -331,6 +356,9 @@ class LlamaAdapter(Adapter):
 
     def _empty_ffn(self, i):
         self.layers()[i].mlp = ConstantSublayer(self.hidden, self.ffn_out(i).bias)
+
+    def _constant(self, i, name):
+        return self.layers()[i].self_attn if name == "attn" else self.layers()[i].mlp
 
     def fixed_macs(self, seq_len):
         head = getattr(self.model, "lm_head", None)

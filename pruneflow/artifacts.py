@@ -97,9 +97,3 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
-
-
-def dir_size_mb(path: str | Path) -> float:
-    p = Path(path)
-    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
-    return sum(f.stat().st_size for f in files) / 2**20

@@ -91,20 +91,9 @@ class _stop_before:
 
 def _produce(adapter: Adapter, i: int, name: str, out, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """What the sublayer currently adds to the residual: W x + b, or an emptied sublayer's constant."""
-    from stages.correct import constant_of
-
     if out is not None:
         return torch.nn.functional.linear(x, out.weight, out.bias)
-    return constant_of(adapter, i, name).bias.to(like.dtype).expand_as(like)
-
-
-def _norm(adapter: Adapter, i: int, name: str):
-    return adapter.attn_norm(i) if name == "attn" else adapter.ffn_norm(i)
-
-
-def _out(adapter: Adapter, i: int, name: str):
-    empty = adapter.attn_empty(i) if name == "attn" else adapter.ffn_empty(i)
-    return None if empty else (adapter.attn_out(i) if name == "attn" else adapter.ffn_out(i))
+    return adapter.constant(i, name).bias.to(like.dtype).expand_as(like)
 
 
 class DenseTrace:
@@ -135,7 +124,7 @@ class DenseTrace:
             raise RuntimeError(f"dense targets are produced in layer order (asked {i}, next {self._next})")
         out = {"attn": [], "ffn": []}
         for b, (_, args, kwargs, _) in enumerate(self.streams):
-            with _Capture({n: _norm(self.adapter, i, n) for n in ("attn", "ffn")}) as cap:
+            with _Capture({n: self.adapter.norm(i, n) for n in ("attn", "ffn")}) as cap:
                 h_next = self.adapter.layers()[i](self._hidden[b], *args, **kwargs)
             for n in ("attn", "ffn"):
                 out[n].append(cap.values[n])
@@ -159,12 +148,12 @@ def correct_sequential(pruned_model, p: CorrectParams, trace: DenseTrace, device
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
         s_dense = trace.targets(i)
         for name in ("attn", "ffn"):
-            out = _out(pruned, i, name)
+            out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
             # The attention pass can stop where the FFN starts; the FFN pass's captures give the layer output.
             stop_at = pruned.ffn_in(i)[0] if name == "attn" and not pruned.ffn_empty(i) else None
             acc, kept = correction.MomentAccumulator(), []
             for b, (_, args, kwargs, mask) in enumerate(streams):
-                with _Capture({"x": out, "s": _norm(pruned, i, name)}) as cap, _stop_before(stop_at):
+                with _Capture({"x": out, "s": pruned.norm(i, name)}) as cap, _stop_before(stop_at):
                     try:
                         pruned.layers()[i](h_pruned[b], *args, **kwargs)
                     except _Stop:
@@ -189,7 +178,7 @@ def correct_sequential(pruned_model, p: CorrectParams, trace: DenseTrace, device
                            "rel_error_corrected": correction.error(m, W_new, b_new) / scale})
             write_fit(pruned, i, name, W_new, b_new)
         norm = pruned.ffn_norm(i)  # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
-        out = _out(pruned, i, "ffn")
+        out = None if pruned.empty(i, "ffn") else pruned.out_proj(i, "ffn")
         for b, (x, residual) in enumerate(kept):
             h_pruned[b] = norm(_produce(pruned, i, "ffn", out, x, residual) + residual)
         _after_layer(i, h_pruned)

@@ -10,7 +10,6 @@ sublayer: the LayerNorm divides by that scale, so errors divided by it are compa
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -136,10 +135,9 @@ class _Collector:
         ad = self.adapter
         for i in range(ad.num_layers):
             for name in SUBLAYERS:
-                empty = ad.attn_empty(i) if name == "attn" else ad.ffn_empty(i)
-                if empty:
+                if ad.empty(i, name):
                     continue
-                out = ad.attn_out(i) if name == "attn" else ad.ffn_out(i)
+                out = ad.out_proj(i, name)
                 st = self.stats.layers[i][name]
                 weights = out.weight.detach().float().norm(dim=0) if name == "ffn" else None
                 k = max(1, math.ceil(self.vote_topk * out.in_features)) if weights is not None else 0
@@ -148,7 +146,7 @@ class _Collector:
                     st.add(self._rows(args[0]), weights, k)
 
                 self.handles.append(out.register_forward_pre_hook(on_input))
-                norm = ad.attn_norm(i) if name == "attn" else ad.ffn_norm(i)
+                norm = ad.norm(i, name)
                 if norm is not None:
                     def on_norm(module, args, st=st):
                         s = self._rows(args[0]).float()

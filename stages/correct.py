@@ -17,10 +17,9 @@ import sys
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from pruneflow import correction
-from pruneflow.adapters import Adapter, ConstantSublayer, get_adapter, save_pruned
+from pruneflow.adapters import Adapter, get_adapter, save_pruned
 from pruneflow.artifacts import read_json, write_json
 from pruneflow.params import CorrectParams, Params
 from pruneflow.runtime import Layout, setup_torch, stage_main
@@ -38,30 +37,14 @@ def kept_columns(adapter: Adapter, name: str, keep: list[int]) -> torch.Tensor:
     return torch.tensor([h * dh + t for h in sorted(keep) for t in range(dh)], dtype=torch.long)
 
 
-def out_proj(adapter: Adapter, i: int, name: str):
-    return adapter.attn_out(i) if name == "attn" else adapter.ffn_out(i)
-
-
-def is_empty(adapter: Adapter, i: int, name: str) -> bool:
-    return adapter.attn_empty(i) if name == "attn" else adapter.ffn_empty(i)
-
-
-def constant_of(adapter: Adapter, i: int, name: str) -> ConstantSublayer:
-    """The stand-in module of an emptied sublayer (where slicing put it)."""
-    L = adapter.layers()[i]
-    if adapter.family == "bert":
-        return L.attention if name == "attn" else L.output.dense
-    return adapter.attn_module(i) if name == "attn" else (L.ffn if adapter.family == "distilbert" else L.mlp)
-
-
 def write_fit(adapter: Adapter, i: int, name: str, W: torch.Tensor, b: torch.Tensor | None) -> None:
     """Put a fitted (W, b) into the sliced model; an emptied sublayer keeps only its bias (= mean output)."""
     with torch.no_grad():
-        if is_empty(adapter, i, name):
+        if adapter.empty(i, name):
             if b is not None:
-                constant_of(adapter, i, name).bias.copy_(b.float())
+                adapter.constant(i, name).bias.copy_(b.float())
             return
-        lin = out_proj(adapter, i, name)
+        lin = adapter.out_proj(i, name)
         lin.weight.copy_(W.to(lin.weight.dtype))
         if b is not None and lin.bias is not None:
             lin.bias.copy_(b.to(lin.bias.dtype))
@@ -72,7 +55,7 @@ def correct_from_stats(dense: Adapter, pruned: Adapter, stats: Statistics, keep:
     report = []
     for i in range(dense.num_layers):
         for name in ("attn", "ffn"):
-            st, lin = stats.layers[i][name], out_proj(dense, i, name)
+            st, lin = stats.layers[i][name], dense.out_proj(i, name)
             cols = kept_columns(dense, name, keep[name][i])
             W, b = lin.weight.detach(), (lin.bias.detach() if lin.bias is not None else None)
             m = correction.moments_from_dense(st.cov, st.mean, W, b, cols, st.n)

@@ -76,7 +76,7 @@ def error_space(adapter: Adapter, i: int, name: str, W: torch.Tensor, st: Sublay
     sublayers (the residual stream's outlier dimensions inflate σ but usually carry small γ). Row weights do not
     change the least-squares correction (rows are fitted independently), only which units cost least to remove.
     Without a post-norm (pre-LN decoders) errors are relative to the sublayer's output energy."""
-    norm = adapter.attn_norm(i) if name == "attn" else adapter.ffn_norm(i)
+    norm = adapter.norm(i, name)
     if by_norm and norm is not None and st.norm_scale:
         gamma = norm.weight.detach().double()
         return W.double() * gamma[:, None], st.norm_scale / W.shape[0]
@@ -93,7 +93,7 @@ def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: boo
             st = stats.layers[i][name]
             if st.gram is None:
                 raise ValueError(f"layer {i} {name}: no statistics (was the model already pruned?)")
-            W = (adapter.attn_out(i) if name == "attn" else adapter.ffn_out(i)).weight.detach()
+            W = adapter.out_proj(i, name).weight.detach()
             group = adapter.head_dim if name == "attn" else 1
             units = W.shape[1] // group
             order = (head_order(p.method if head_method == p.method else head_method, adapter, i, st, p)

@@ -21,7 +21,7 @@ import time
 from functools import lru_cache
 
 from pruneflow.adapters import get_adapter
-from pruneflow.artifacts import read_json, read_jsonl, write_json, write_text
+from pruneflow.artifacts import read_jsonl, write_json, write_text
 from pruneflow.correction import METHODS as CORRECTIONS
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, setup_torch, stage_main

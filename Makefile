@@ -36,10 +36,12 @@ assets/vaderSentiment-3.3.2.tar.gz:
 
 run: assets
 	$(DVC) config core.analytics false
+	$(PY) -m pruneflow.validate params.yaml
 	PATH=$(VENV)/bin:$$PATH $(DVC) repro
 	PATH=$(VENV)/bin:$$PATH $(PY) -m stages.summary
 
 sweep: assets
+	$(PY) -m pruneflow.validate params.yaml
 	PATH=$(VENV)/bin:$$PATH $(DVC) repro sweep/dvc.yaml
 
 flow: assets

@@ -7,17 +7,15 @@ attention (plain matmuls) and refuse to report a number if any matmul-class op w
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from pruneflow.adapters import get_adapter
+from pruneflow.modeling import LogitsOnly, dummy_inputs, eager_attention
 
-log = logging.getLogger("pruneflow.flops")
-
-MATMUL_OPS = {"aten::addmm", "aten::matmul", "aten::mm", "aten::bmm", "aten::linear", "aten::einsum", "aten::baddbmm"}
-MATMUL_HINTS = ("mm", "matmul", "linear", "einsum", "attention", "conv", "dot", "mv")
+MATMUL_OPS = ("addmm", "matmul", "mm", "bmm", "linear", "einsum", "baddbmm")  # fvcore's names for them
+MATMUL_HINTS = ("mm", "matmul", "linear", "einsum", "attention", "conv", "dot", "mv")  # unsupported-op screen
 
 
 class FlopCountError(RuntimeError):
@@ -37,47 +35,22 @@ class FlopCount:
         return abs(self.matmul - self.analytic) / max(1, self.analytic)
 
 
-def _dummy_inputs(model, batch: int, seq_len: int) -> tuple:
-    vocab = model.config.vocab_size
-    ids = torch.randint(5, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(batch, seq_len, dtype=torch.long)
-    return ids, mask
-
-
-class _Wrapper(torch.nn.Module):
-    """Tensor-in, tensor-out view of a HF model for tracing."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False) \
-            if self.model.config.model_type == "llama" else self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.logits
-
-
 def count_flops(model, seq_len: int, batch: int = 1, tolerance: float = 0.01) -> FlopCount:
     """fvcore FLOPs of `model` on a (batch, seq_len) input, with eager attention; fails when a matmul-class
     op is unsupported or when fvcore and the analytic count disagree by more than `tolerance`."""
     from fvcore.nn import FlopCountAnalysis
 
     adapter = get_adapter(model)
-    prev = model.config._attn_implementation
-    model.config._attn_implementation = "eager"  # matmuls fvcore can see; sdpa would be skipped silently
-    try:
-        with torch.no_grad():
-            analysis = FlopCountAnalysis(_Wrapper(model).eval(), _dummy_inputs(model, batch, seq_len))
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-            by_op = analysis.by_operator()
-            total = int(analysis.total())
-            unsupported = analysis.unsupported_ops()
-    finally:
-        model.config._attn_implementation = prev
+    with eager_attention(model), torch.no_grad():
+        analysis = FlopCountAnalysis(LogitsOnly(model).eval(), dummy_inputs(model, batch, seq_len))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        by_op = analysis.by_operator()
+        total = int(analysis.total())
+        unsupported = analysis.unsupported_ops()
     missed = sorted(op for op in unsupported if any(h in op.lower() for h in MATMUL_HINTS))
     if missed:
         raise FlopCountError(f"fvcore has no handle for matmul-class ops {missed}: their FLOPs would be dropped")
-    matmul = int(sum(v for k, v in by_op.items() if k in {"addmm", "matmul", "mm", "bmm", "linear", "einsum", "baddbmm"}))
+    matmul = int(sum(v for k, v in by_op.items() if k in MATMUL_OPS))
     analytic = adapter.macs(seq_len) * batch
     fc = FlopCount(total=total, matmul=matmul, analytic=analytic, seq_len=seq_len, batch=batch)
     if fc.rel_diff > tolerance:

@@ -1,9 +1,9 @@
 """KCM's R2D2 neuron ranking (Nova, Dai, Schuurmans, ICML 2023), as far as it can be reconstructed.
 
-Tags follow /work/shared/METHODS.md §0: [C-paper] the paper's abstract, [S] secondary sources (the first author's
+Tags: [C-paper] the paper's abstract, [S] secondary sources (the first author's
 talk, a review quoting Fig. 1), [C-code, unofficial] the reimplementation `wazenmai/retraining-free-pruning`
 (`prune/kcm.py`), [I] our reconstruction, [U] unknown. The paper body was not available, so only the outline is
-confirmed; every choice below is a parameter (`pruneflow.params.KCMParams`).
+confirmed; every choice below is a parameter (`rank.kcm.*`, the fields of `pruneflow.methods.kcm.KCM`).
 
 - [C-paper] Gradient-free structured pruning from the fine-tuned weights plus unlabeled data, no retraining.
 - [S] R2D2 combines two *ranks* of each layer's FFN neurons: R2 ("representative ranking", from the weights only,
@@ -30,8 +30,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-
-from pruneflow.params import KCMParams
 
 Representation = Literal["w_out", "w_in", "both"]
 
@@ -258,20 +256,23 @@ def merge_ranks(r2: torch.Tensor, d2: torch.Tensor, how: Literal["rank_sum", "pr
 # --- one layer ----------------------------------------------------------------------------------------
 
 def kcm_scores(w_in: torch.Tensor, w_out: torch.Tensor, votes: torch.Tensor | None,
-               second_moment: torch.Tensor | None, p: KCMParams = KCMParams()) -> tuple[torch.Tensor, dict]:
+               second_moment: torch.Tensor | None, representation: Representation = "w_out",
+               sigma: float | Literal["median"] = "median", alpha: float = 0.01, max_iter: int = 200,
+               d2: Literal["votes", "energy"] = "votes", merge: Literal["rank_sum", "product"] = "rank_sum"
+               ) -> tuple[torch.Tensor, dict]:
     """R2D2 for one FFN layer: (scores [N] float64, higher = more important, info).
 
     The steps are neuron_features → gaussian_kernel → r2_convex_hull → r2_scores, then d2_scores, then
-    merge_ranks. p.d2_topk is not used here: the collect stage counts the votes, with its own vote_topk.
+    merge_ranks. The votes are counted by the collect stage, with its own collect.vote_topk.
     info: sigma (the one used), iterations, converged, objective (final ‖Φ − ΦC‖²), diag_share (see
     r2_convex_hull).
     """
-    phi = neuron_features(w_in, w_out, p.representation)
-    K, sigma_used = gaussian_kernel(phi, p.sigma)
-    C, hull = r2_convex_hull(K, p.alpha, p.max_iter)
+    phi = neuron_features(w_in, w_out, representation)
+    K, sigma_used = gaussian_kernel(phi, sigma)
+    C, hull = r2_convex_hull(K, alpha, max_iter)
     r2 = r2_scores(C)
-    d2 = d2_scores(w_out, votes, second_moment, p.d2).to(r2.device)
-    scores = merge_ranks(r2, d2, p.merge)
+    d2_score = d2_scores(w_out, votes, second_moment, d2).to(r2.device)
+    scores = merge_ranks(r2, d2_score, merge)
     info = {"sigma": sigma_used, "iterations": hull["iterations"], "converged": hull["converged"],
             "objective": hull["objective"], "diag_share": hull["diag_share"]}
     return scores, info

@@ -4,15 +4,12 @@ really loads, check its outputs against PyTorch, and time dense and pruned model
 Conventions of every exported file: inputs `input_ids` and `attention_mask` (int64, dynamic batch and sequence
 axes), output `logits` ((batch, labels) for classifiers, (batch, sequence, vocab) for causal LMs), weights
 inside the file (no `.onnx.data`), attention exported as plain matmuls (eager), the label names in the
-file's metadata (`id2label`, JSON).
+file's metadata (the task's export metadata, e.g. `id2label` as JSON).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import inspect
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruneflow.artifacts import atomic_path
-from pruneflow.data import length_sorted
+from pruneflow.modeling import LogitsOnly, eager_attention, is_token_level
 
 log = logging.getLogger("pruneflow.onnx")
 
@@ -33,35 +30,6 @@ OUTPUT_NAME = "logits"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 Exporter = Literal["torchscript", "dynamo"]
-
-
-class LogitsOnly(nn.Module):
-    """Tensor-in, tensor-out view of a HF model: (input_ids, attention_mask) -> logits. Decoders run without
-    a KV cache, so the graph has no past/present tensors."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **self.extra).logits
-
-
-@contextlib.contextmanager
-def eager_attention(model: nn.Module):
-    """Attention as plain matmul + softmax while inside: exports (and counts) the same on every exporter."""
-    prev = model.config._attn_implementation
-    model.config._attn_implementation = "eager"
-    try:
-        yield model
-    finally:
-        model.config._attn_implementation = prev
-
-
-def _is_token_level(model: nn.Module) -> bool:
-    """Causal LMs give logits per token (a sequence axis on the output); classifiers one row per input."""
-    return "use_cache" in inspect.signature(model.forward).parameters and hasattr(model, "lm_head")
 
 
 def export_onnx(model: nn.Module, path: str | Path, sample: dict[str, np.ndarray], opset: int,
@@ -76,7 +44,7 @@ def export_onnx(model: nn.Module, path: str | Path, sample: dict[str, np.ndarray
     path = Path(path)
     wrapper = LogitsOnly(model).eval()
     args = tuple(torch.as_tensor(sample[k]) for k in INPUT_NAMES)
-    out_axes = {0: "batch", 1: "sequence"} if _is_token_level(model) else {0: "batch"}
+    out_axes = {0: "batch", 1: "sequence"} if is_token_level(model) else {0: "batch"}
     t0 = time.perf_counter()
     with eager_attention(model), torch.no_grad(), atomic_path(path, ".onnx") as tmp:
         if exporter == "dynamo":
@@ -108,11 +76,6 @@ def set_metadata(path: str | Path, metadata: dict[str, str]) -> None:
         prop.key, prop.value = key, value
     with atomic_path(path, ".onnx") as tmp:
         onnx.save(model, str(tmp))
-
-
-def model_metadata(model: nn.Module) -> dict[str, str]:
-    id2label = getattr(model.config, "id2label", None) or {}
-    return {"id2label": json.dumps({int(k): v for k, v in id2label.items()})}
 
 
 # --- onnxruntime sessions ------------------------------------------------------------------------------
@@ -226,16 +189,16 @@ def check_parity(model: nn.Module, session, batches: list[dict[str, np.ndarray]]
 
 # --- onnxruntime transformer optimizer -----------------------------------------------------------------
 
-def optimize_transformer(src: str | Path, dst: str | Path) -> dict[str, int]:
-    """Run onnxruntime's transformer optimizer (model_type bert; num_heads=0/hidden_size=0 lets it read the
-    head count per layer from the graph, since pruned layers differ). Returns the fused-operator counts."""
+def optimize_transformer(src: str | Path, dst: str | Path, model_type: str = "bert") -> dict[str, int]:
+    """Run onnxruntime's transformer optimizer (num_heads=0/hidden_size=0 lets it read the head count per layer
+    from the graph, since pruned layers differ). Returns the fused-operator counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     # Its modules log every fusion (INFO) and a warning per layer whose attention it cannot fuse, under bare
     # module names (fusion_base, onnx_model, ...); the fused-op counts we return say the same in one line.
     logging.disable(logging.WARNING)
     try:
-        optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0)
+        optimized = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0)
     finally:
         logging.disable(logging.NOTSET)
     with atomic_path(dst, ".onnx") as tmp:
@@ -274,18 +237,3 @@ def fixed_shape_batch(tokenizer, texts: list[str], batch: int, seq_len: int) -> 
     rows = [texts[i % len(texts)] for i in range(batch)]
     enc = tokenizer(rows, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
     return {k: np.asarray(enc[k], dtype=np.int64) for k in INPUT_NAMES}
-
-
-def ort_predict_logits(session, tokenizer, texts: list[str], batch_size: int, max_length: int,
-                       progress: str | None = None) -> np.ndarray:
-    """Logits for `texts` in their original order, batched exactly like pruneflow.task.predict_logits."""
-    sorted_texts, order = length_sorted(texts)
-    chunks = []
-    for i in tqdm(range(0, len(sorted_texts), batch_size), desc=progress, disable=progress is None, leave=False):
-        enc = tokenizer(sorted_texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="np")
-        chunks.append(ort_logits(session, enc))
-    logits = np.concatenate(chunks)
-    out = np.empty_like(logits)
-    out[np.asarray(order)] = logits
-    return out

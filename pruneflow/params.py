@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -20,6 +20,11 @@ class ParamsError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskParams(Section):
+    kind: str = Field("classification", description="a registered task (pruneflow/tasks/): what the model "
+                                                    "predicts and how quality is measured")
 
 
 class RuntimeParams(Section):
@@ -66,27 +71,34 @@ class CollectParams(Section):
     time_forward: bool = Field(True, description="also time plain forward passes (the pruning-time yardstick)")
 
 
-class KCMParams(Section):
-    """Reconstruction of KCM's R2D2 (the paper's full text is not at hand: every choice is a knob)."""
-
-    representation: Literal["w_out", "w_in", "both"] = "w_out"
-    sigma: float | Literal["median"] = "median"
-    alpha: float = Field(0.01, gt=0, description="R2 stops when the relative change of C is below alpha")
-    max_iter: int = Field(200, ge=1)
-    d2: Literal["votes", "energy"] = "votes"
-    merge: Literal["rank_sum", "product"] = "rank_sum"
-
-
 class RankParams(Section):
-    method: Literal["obs", "kcm", "activation", "magnitude", "random"] = "obs"
-    heads: Literal["auto", "activation", "magnitude", "random", "obs"] = Field(
-        "auto", description="how heads are ranked; 'auto' = as `method` where it defines a head score"
-    )
+    """How units are ranked. `method` and `heads` name registered methods (pruneflow/methods/); a method's own
+    options live in a sub-section named after it (e.g. `rank.kcm.sigma`), validated by that method's class."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    method: str = Field("obs", description="a registered rank method (pruneflow/methods/)")
+    heads: str = Field("auto", description="how heads are ranked: a registered method, or 'auto' = as `method` "
+                                           "where it ranks heads, else activation")
     ridge: float = Field(1e-4, ge=0, description="ridge on covariances, relative to their mean diagonal")
     chunk: float = Field(0.01, gt=0, le=0.25, description="neurons removed per elimination step (fraction)")
     norm_weighting: bool = Field(True, description="measure errors after the following LayerNorm (γ/σ-weighted)")
-    kcm: KCMParams = KCMParams()
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _sections(self) -> "RankParams":
+        # Which methods exist, and what their options are, is the method registry's to check
+        # (pruneflow.methods.check_rank_params): params.py stays free of method code, so stages that do not
+        # rank do not depend on it.
+        for key, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"rank.{key}: unknown key (known here: {', '.join(sorted(type(self).model_fields))}, "
+                                 f"or a method's options section, a mapping)")
+        return self
+
+    def section(self, name: str) -> dict:
+        """The options a method named `name` was given (its sub-section; empty when absent)."""
+        return dict((self.model_extra or {}).get(name) or {})
 
 
 class SelectParams(Section):
@@ -161,6 +173,7 @@ class SweepParams(Section):
 
 
 class Params(Section):
+    task: TaskParams = TaskParams()
     runtime: RuntimeParams = RuntimeParams()
     prepare: PrepareParams = PrepareParams()
     finetune: FinetuneParams = FinetuneParams()

@@ -46,6 +46,12 @@ class Layout:
     def plots(self) -> Path: return self.root / "plots"
 
 
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def pick_device(device: str) -> str:
     import torch
 

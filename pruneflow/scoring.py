@@ -22,21 +22,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pruneflow.moments import ridge_eye
+from pruneflow.adapters import head_columns
+
 
 @dataclass
-class Path:
+class EliminationPath:
     order: list[int]  # unit ids, least important first (every unit appears once)
     removed: list[int]  # number of units removed at each recorded point (0, ..., all)
     error: list[float]  # reconstruction error E‖Δy‖² of the remaining set after lstsq correction
 
 
-def _ridge(C: torch.Tensor, ridge: float) -> torch.Tensor:
-    lam = ridge * float(C.diagonal().mean().clamp_min(1e-12))
-    return C + lam * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-
-
 def elimination_path(C: torch.Tensor, W: torch.Tensor, group: int = 1, order: list[int] | None = None,
-                     chunk: int = 1, ridge: float = 1e-4) -> Path:
+                     chunk: int = 1, ridge: float = 1e-4) -> EliminationPath:
     """Remove units (blocks of `group` columns of W) one chunk at a time, in `order` or greedily by least
     error increase; return the order and the error of the remaining set after each chunk.
 
@@ -44,7 +42,7 @@ def elimination_path(C: torch.Tensor, W: torch.Tensor, group: int = 1, order: li
     compacted after every step, so the work shrinks with the alive set (≈ N³ / (3·chunk) in all)."""
     C, W = C.double(), W.double()
     units = C.shape[0] // group
-    Hinv = torch.linalg.inv(_ridge(C, ridge))
+    Hinv = torch.linalg.inv(C + ridge_eye(C, ridge))
     Wc = W.clone()
     alive = torch.arange(units)  # unit ids still in, in the current (compacted) column order
     position = {int(u): k for k, u in enumerate(alive)}
@@ -57,7 +55,7 @@ def elimination_path(C: torch.Tensor, W: torch.Tensor, group: int = 1, order: li
             pick = torch.tensor([position[int(u)] for u in pick_ids])
         else:
             pick = torch.topk(-_unit_costs(Hinv, Wc, group), step).indices
-        Q = (pick.view(-1, 1) * group + torch.arange(group)).reshape(-1)
+        Q = head_columns(pick, group)
         HQQ_inv = torch.linalg.inv(Hinv[Q][:, Q])
         WQ = Wc[:, Q]
         total += float(torch.einsum("dq,qr,dr->", WQ, HQQ_inv, WQ))
@@ -73,7 +71,7 @@ def elimination_path(C: torch.Tensor, W: torch.Tensor, group: int = 1, order: li
         position = {int(u): k for k, u in enumerate(alive)}
         removed.append(len(removal))
         errors.append(total)
-    return Path(removal, removed, errors)
+    return EliminationPath(removal, removed, errors)
 
 
 def _unit_costs(Hinv: torch.Tensor, W: torch.Tensor, group: int) -> torch.Tensor:

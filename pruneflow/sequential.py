@@ -15,8 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pruneflow import correction
-from pruneflow.adapters import Adapter, get_adapter
-from pruneflow.params import CorrectParams
+from pruneflow.adapters import SUBLAYERS, Adapter, get_adapter
+from pruneflow.moments import Accumulator
 from pruneflow.stats import tokenized_batches
 
 
@@ -104,7 +104,7 @@ class DenseTrace:
     def __init__(self, dense_model, tokenizer, texts: list[str], batch_size: int, max_length: int, device: str,
                  keep: bool = False):
         self.adapter = get_adapter(dense_model)
-        if not all(self.adapter.attn_norm(i) is not None for i in range(self.adapter.num_layers)):
+        if not self.adapter.post_norm:
             raise ValueError(f"correct.sequential needs a post-LayerNorm architecture; {self.adapter.family} is "
                              "not one yet (set correct.sequential=false)")
         dense_model.to(device)
@@ -124,9 +124,9 @@ class DenseTrace:
             raise RuntimeError(f"dense targets are produced in layer order (asked {i}, next {self._next})")
         out = {"attn": [], "ffn": []}
         for b, (_, args, kwargs, _) in enumerate(self.streams):
-            with _Capture({n: self.adapter.norm(i, n) for n in ("attn", "ffn")}) as cap:
+            with _Capture({n: self.adapter.norm(i, n) for n in SUBLAYERS}) as cap:
                 h_next = self.adapter.layers()[i](self._hidden[b], *args, **kwargs)
-            for n in ("attn", "ffn"):
+            for n in SUBLAYERS:
                 out[n].append(cap.values[n])
             self._hidden[b] = h_next[0] if isinstance(h_next, tuple) else h_next
         self._next += 1
@@ -136,10 +136,8 @@ class DenseTrace:
 
 
 @torch.inference_mode()
-def correct_sequential(pruned_model, p: CorrectParams, trace: DenseTrace, device: str) -> list[dict]:
+def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrace, device: str) -> list[dict]:
     """Refit every pruned layer in order against the dense model's `trace` (see the module docstring)."""
-    from stages.correct import write_fit
-
     pruned = get_adapter(pruned_model)
     pruned_model.to(device)
     streams = trace.streams
@@ -147,11 +145,11 @@ def correct_sequential(pruned_model, p: CorrectParams, trace: DenseTrace, device
     report = []
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
         s_dense = trace.targets(i)
-        for name in ("attn", "ffn"):
+        for name in SUBLAYERS:
             out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
             # The attention pass can stop where the FFN starts; the FFN pass's captures give the layer output.
-            stop_at = pruned.ffn_in(i)[0] if name == "attn" and not pruned.ffn_empty(i) else None
-            acc, kept = correction.MomentAccumulator(), []
+            stop_at = pruned.ffn_in(i)[0] if name == "attn" and not pruned.empty(i, "ffn") else None
+            acc, kept = Accumulator(), []
             for b, (_, args, kwargs, mask) in enumerate(streams):
                 with _Capture({"x": out, "s": pruned.norm(i, name)}) as cap, _stop_before(stop_at):
                     try:
@@ -171,13 +169,10 @@ def correct_sequential(pruned_model, p: CorrectParams, trace: DenseTrace, device
                 W_new, b_new = W_K, m.mean_t
             else:
                 W_K, b = out.weight.detach(), (out.bias.detach() if out.bias is not None else None)
-                W_new, b_new = correction.fit(p.method, m, W_K, b, p.ridge)
-            scale = max(m.cov_tt_trace, 1e-12)
-            report.append({"layer": i, "sublayer": name, "kept": int(W_K.shape[1]),
-                           "rel_error_sliced": correction.error(m, W_K, b) / scale,
-                           "rel_error_corrected": correction.error(m, W_new, b_new) / scale})
-            write_fit(pruned, i, name, W_new, b_new)
-        norm = pruned.ffn_norm(i)  # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
+                W_new, b_new = correction.fit(method, m, W_K, b, ridge, intercept=b is not None)
+            report.append(correction.fit_report(i, name, m, W_K, b, W_new, b_new, None))
+            correction.write_fit(pruned, i, name, W_new, b_new)
+        norm = pruned.norm(i, "ffn")  # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
         out = None if pruned.empty(i, "ffn") else pruned.out_proj(i, "ffn")
         for b, (x, residual) in enumerate(kept):
             h_pruned[b] = norm(_produce(pruned, i, "ffn", out, x, residual) + residual)

@@ -1,131 +1,122 @@
-"""Streaming calibration statistics, accumulated with hooks; memory does not grow with the sample count.
+"""Streaming calibration statistics, accumulated with hooks and keyed by module name; memory does not grow with
+the sample count.
 
-For every layer and sublayer ("attn", "ffn") we keep the sufficient statistics of the output projection's
-input a (per-head contexts for attention, post-activation neurons for the FFN), over non-padding tokens:
-    n, Σa and Σaaᵀ (float64, around a shift; per batch in float32, then added into float64), and for the FFN the
-    D2 vote counts of KCM (how often a neuron is among a token's top-k of |a_j|·‖w2_j‖).
-For post-LN encoders we also keep Σ‖s − mean(s)‖² of the residual sum s entering the LayerNorm after the
-sublayer: the LayerNorm divides by that scale, so errors divided by it are comparable across layers.
+For the output projection of every sublayer (attention: per-head contexts; FFN: post-activation neurons) we
+keep, over non-padding tokens, the input moments n, Σa, Σaaᵀ (pruneflow.moments.Accumulator), and for the FFN
+the D2 vote counts of KCM (how often a neuron is among a token's top-k of |a_j|·‖w2_j‖). For post-LN encoders
+we also keep Σ‖s − mean(s)‖² of the residual sum s entering the LayerNorm after the sublayer: the LayerNorm
+divides by that scale, so errors divided by it are comparable across layers. Any other Linear named in
+`extra_linears` gets its input moments too (E[xxᵀ] = half the Hessian of its reconstruction error).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from pruneflow.adapters import Adapter
-
-SUBLAYERS = ("attn", "ffn")
-
-
-def coarse_mean(x: torch.Tensor) -> torch.Tensor:
-    """A batch mean on a 1/256 grid (float64): close enough to remove the cancellation a large mean causes,
-    coarse enough that subtracting it from float32 data is exact."""
-    return torch.round(x.float().mean(0).double() * 256) / 256
+from pruneflow.adapters import SUBLAYERS, Adapter
+from pruneflow.moments import Accumulator
 
 
-@dataclass
-class SublayerStats:
-    """Sums are taken around a fixed shift (the first batch's mean), so float32 per-batch products do not lose
-    the covariance to cancellation when activations have a large mean (head contexts carry the value bias)."""
+class ModuleStats(Accumulator):
+    """Input moments of one module, plus the output-projection extras (D2 votes, post-LN scale)."""
 
-    n: int = 0
-    shift: torch.Tensor | None = None  # (N,) float64
-    sum: torch.Tensor | None = None  # (N,) float64, Σ(a − shift)
-    gram: torch.Tensor | None = None  # (N, N) float64, Σ(a − shift)(a − shift)ᵀ
-    votes: torch.Tensor | None = None  # (N,) float64, ffn only
-    norm_energy: float = 0.0  # Σ_t ‖s_t − mean(s_t)‖² at the post-sublayer LayerNorm input
-    norm_tokens: int = 0
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.shift + self.sum / max(self.n, 1)
-
-    @property
-    def cov(self) -> torch.Tensor:
-        """Centered covariance E[(a−μ)(a−μ)ᵀ], float64."""
-        m = self.sum / max(self.n, 1)
-        return self.gram / max(self.n, 1) - torch.outer(m, m)
-
-    @property
-    def second_moment(self) -> torch.Tensor:
-        """Uncentered E[aaᵀ]."""
-        mu = self.mean
-        return self.cov + torch.outer(mu, mu)
+    def __init__(self) -> None:
+        super().__init__()
+        self.votes: torch.Tensor | None = None  # (N,) float64, FFN output projections only
+        self.norm_energy = 0.0  # Σ_t ‖s_t − mean(s_t)‖² at the post-sublayer LayerNorm input
+        self.norm_tokens = 0
 
     @property
     def norm_scale(self) -> float | None:
         """E‖s − mean(s)‖² per token at the following LayerNorm (None where the arch has no post-norm)."""
         return self.norm_energy / self.norm_tokens if self.norm_tokens else None
 
-    def add(self, a: torch.Tensor, vote_weights: torch.Tensor | None, vote_k: int) -> None:
-        a32 = a.float()
-        if a32.shape[0] == 0:
+    def add_votes(self, a: torch.Tensor, weights: torch.Tensor, k: int) -> None:
+        if a.shape[0] == 0:
             return
-        if self.gram is None:
-            N = a.shape[1]
-            self.shift = coarse_mean(a32)
-            self.sum = torch.zeros(N, dtype=torch.float64, device=a.device)
-            self.gram = torch.zeros(N, N, dtype=torch.float64, device=a.device)
-            if vote_weights is not None:
-                self.votes = torch.zeros(N, dtype=torch.float64, device=a.device)
-        self.n += a.shape[0]
-        c = a32 - self.shift.float()
-        self.sum += c.sum(0).double()
-        self.gram += (c.T @ c).double()
-        if vote_weights is not None and vote_k > 0:
-            top = (a32.abs() * vote_weights).topk(vote_k, dim=1).indices
-            self.votes += torch.bincount(top.reshape(-1), minlength=a.shape[1]).double()
+        if self.votes is None:
+            self.votes = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
+        top = (a.float().abs() * weights).topk(k, dim=1).indices
+        self.votes += torch.bincount(top.reshape(-1), minlength=a.shape[1]).double()
 
 
 @dataclass
 class Statistics:
-    layers: list[dict[str, SublayerStats]] = field(default_factory=list)
+    modules: dict[str, ModuleStats] = field(default_factory=dict)
     tokens: int = 0
     sequences: int = 0
     mean_length: float = 0.0
 
+    def of(self, module_name: str) -> ModuleStats:
+        found = self.modules.get(module_name)
+        if found is None or found.empty:
+            raise ValueError(f"no calibration statistics for {module_name} (was the model already pruned, or "
+                             f"collected with another model?)")
+        return found
+
+    def sublayer(self, adapter: Adapter, i: int, name: str) -> ModuleStats:
+        """Statistics of the input of layer i's `name` output projection."""
+        return self.of(adapter.module_names()[adapter.out_proj(i, name)])
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for i, subs in enumerate(self.layers):
-            for name, s in subs.items():
-                if s.gram is None:
-                    continue
-                p = f"layer{i}.{name}"
-                out[f"{p}.shift"], out[f"{p}.sum"], out[f"{p}.gram"] = s.shift.cpu(), s.sum.cpu(), s.gram.cpu()
-                out[f"{p}.meta"] = torch.tensor([s.n, s.norm_energy, s.norm_tokens], dtype=torch.float64)
-                if s.votes is not None:
-                    out[f"{p}.votes"] = s.votes.cpu()
+        for name, s in self.modules.items():
+            if s.empty:
+                continue
+            out |= {f"{name}.{k}": v for k, v in s.state().items()}
+            out[f"{name}.meta"] = torch.tensor([s.n, s.norm_energy, s.norm_tokens], dtype=torch.float64)
+            if s.votes is not None:
+                out[f"{name}.votes"] = s.votes.cpu()
         return out
 
+    def info(self) -> dict:
+        return {"tokens": self.tokens, "sequences": self.sequences, "mean_length": self.mean_length}
+
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor], num_layers: int, info: dict) -> "Statistics":
-        layers = []
-        for i in range(num_layers):
-            subs = {}
-            for name in SUBLAYERS:
-                p = f"layer{i}.{name}"
-                if f"{p}.gram" not in t:
-                    subs[name] = SublayerStats()
-                    continue
-                n, energy, ntok = t[f"{p}.meta"].tolist()
-                subs[name] = SublayerStats(int(n), t[f"{p}.shift"], t[f"{p}.sum"], t[f"{p}.gram"], t.get(f"{p}.votes"),
-                                           energy, int(ntok))
-            layers.append(subs)
-        return cls(layers, info["tokens"], info["sequences"], info["mean_length"])
+    def from_tensors(cls, t: dict[str, torch.Tensor], info: dict) -> "Statistics":
+        modules = {}
+        for key in t:
+            if not key.endswith(".meta"):
+                continue
+            name = key[: -len(".meta")]
+            n, energy, ntok = t[key].tolist()
+            s = ModuleStats()
+            acc = Accumulator.from_state(int(n), {k: t[f"{name}.{k}"] for k in ("shift", "sum", "gram")})
+            s.n, s.shift_x, s.sx, s.sxx = acc.n, acc.shift_x, acc.sx, acc.sxx
+            s.votes, s.norm_energy, s.norm_tokens = t.get(f"{name}.votes"), energy, int(ntok)
+            modules[name] = s
+        return cls(modules, info["tokens"], info["sequences"], info["mean_length"])
+
+
+def save_statistics(stats: Statistics, directory, extra_info: dict | None = None) -> None:
+    from pruneflow.artifacts import save_tensors, write_json
+
+    save_tensors(directory / "stats.safetensors", stats.to_tensors())
+    write_json(directory / "stats.json", stats.info() | (extra_info or {}))
+
+
+def load_statistics(directory) -> Statistics:
+    from pruneflow.artifacts import load_tensors, read_json
+
+    if not (directory / "stats.safetensors").exists():
+        raise FileNotFoundError(f"{directory / 'stats.safetensors'} not found: run the collect stage first")
+    return Statistics.from_tensors(load_tensors(directory / "stats.safetensors"), read_json(directory / "stats.json"))
 
 
 class _Collector:
-    """Hooks that feed SublayerStats; the current batch's padding mask is set before each forward."""
+    """Hooks that feed ModuleStats; the current batch's padding mask is set before each forward."""
 
-    def __init__(self, adapter: Adapter, vote_topk: float):
+    def __init__(self, adapter: Adapter, vote_topk: float, extra_linears: Iterable[str] = ()):
         self.adapter = adapter
         self.mask: torch.Tensor | None = None  # (B*T,) bool, True for real tokens
-        self.stats = Statistics(layers=[{s: SublayerStats() for s in SUBLAYERS} for _ in range(adapter.num_layers)])
+        self.stats = Statistics()
         self.vote_topk = vote_topk
+        self.extra_linears = list(extra_linears)
         self.handles: list = []
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,17 +124,21 @@ class _Collector:
 
     def attach(self) -> None:
         ad = self.adapter
+        names = ad.module_names()
         for i in range(ad.num_layers):
             for name in SUBLAYERS:
                 if ad.empty(i, name):
                     continue
                 out = ad.out_proj(i, name)
-                st = self.stats.layers[i][name]
+                st = self.stats.modules.setdefault(names[out], ModuleStats())
                 weights = out.weight.detach().float().norm(dim=0) if name == "ffn" else None
                 k = max(1, math.ceil(self.vote_topk * out.in_features)) if weights is not None else 0
 
                 def on_input(module, args, st=st, weights=weights, k=k):
-                    st.add(self._rows(args[0]), weights, k)
+                    rows = self._rows(args[0])
+                    st.add(rows)
+                    if weights is not None and k > 0:
+                        st.add_votes(rows, weights, k)
 
                 self.handles.append(out.register_forward_pre_hook(on_input))
                 norm = ad.norm(i, name)
@@ -154,6 +149,15 @@ class _Collector:
                         st.norm_tokens += s.shape[0]
 
                     self.handles.append(norm.register_forward_pre_hook(on_norm))
+        modules = dict(ad.model.named_modules())
+        for lname in self.extra_linears:
+            if lname in self.stats.modules:
+                continue
+            if lname not in modules:
+                raise ValueError(f"no module named {lname!r} in this model")
+            st = self.stats.modules.setdefault(lname, ModuleStats())
+            self.handles.append(modules[lname].register_forward_pre_hook(
+                lambda module, args, st=st: st.add(self._rows(args[0]))))
 
     def detach(self) -> None:
         for h in self.handles:
@@ -161,32 +165,42 @@ class _Collector:
         self.handles.clear()
 
 
-def tokenized_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, device: str,
-                      max_tokens: int | None = None):
-    """Length-sorted batches (little padding) of tokenized text with their attention masks. With max_tokens,
-    a batch also stops growing once batch × padded length would pass it, so peak activation memory does not
-    depend on how long the longest calibration sentences are."""
+def length_sorted_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, device: str = "cpu",
+                          max_tokens: int | None = None, return_tensors: str = "pt") -> Iterator[tuple[list[int], dict]]:
+    """(indices, encoding) of token-length-sorted batches (little padding) of `texts`. With max_tokens, a batch
+    also stops growing once batch × padded length would pass it, so peak activation memory does not depend on
+    how long the longest sentences are. The one batching rule of collect, correction and prediction."""
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     batch: list[int] = []
+
+    def encode(idx: list[int]):
+        enc = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length,
+                        return_tensors=return_tensors)
+        return idx, (enc.to(device) if return_tensors == "pt" else enc)
+
     for i in order:
         full = len(batch) == batch_size or (max_tokens and batch and (len(batch) + 1) * lengths[i] > max_tokens)
         if full:
-            yield _encode(tokenizer, [texts[j] for j in batch], max_length, device)
+            yield encode(batch)
             batch = []
         batch.append(i)
     if batch:
-        yield _encode(tokenizer, [texts[j] for j in batch], max_length, device)
+        yield encode(batch)
 
 
-def _encode(tokenizer, texts: list[str], max_length: int, device: str):
-    return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+def tokenized_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, device: str,
+                      max_tokens: int | None = None):
+    """The encodings of length_sorted_batches (what a forward pass needs)."""
+    for _, enc in length_sorted_batches(tokenizer, texts, batch_size, max_length, device, max_tokens):
+        yield enc
 
 
 @torch.inference_mode()
-def collect_statistics(model, adapter: Adapter, batches, vote_topk: float = 0.1, progress=None) -> Statistics:
+def collect_statistics(model, adapter: Adapter, batches, vote_topk: float = 0.1, progress=None,
+                       extra_linears: Iterable[str] = ()) -> Statistics:
     """Run every batch through `model` once and accumulate the statistics of every layer."""
-    col = _Collector(adapter, vote_topk)
+    col = _Collector(adapter, vote_topk, extra_linears)
     col.attach()
     try:
         lengths = []

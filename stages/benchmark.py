@@ -2,7 +2,7 @@
 
 reads   data/onnx (ONNX files + tokenizer), data/dense, data/pruned, data/prepared/eval.jsonl
 writes  metrics/latency.json, plots/latency.csv
-params  benchmark (grid, warm-up, runs, threads, provider), export.atol and evaluate (the accuracy check)
+params  benchmark (grid, warm-up, runs, threads, provider), export.atol and evaluate (the accuracy check), task
 Protocol: real eval sentences padded/truncated to each sequence length; for every (batch, seq_len) of the grid
 and each runtime, warm-up runs then timed runs, dense and pruned taking turns so machine noise hits both;
 median and p90 per model; speed-up = dense median / pruned median; ideal speed-up = dense / pruned fvcore
@@ -23,13 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from pruneflow.adapters import get_adapter
-from pruneflow.artifacts import read_jsonl, write_json, write_text
+from pruneflow.artifacts import write_json, write_text
 from pruneflow.flops import count_flops
-from pruneflow.onnx_io import (OUTPUT_NAME, fixed_shape_batch, latency_ms, make_session, ort_predict_logits,
-                               resolve_provider, session_runs_on, time_interleaved)
+from pruneflow.onnx_io import (OUTPUT_NAME, fixed_shape_batch, latency_ms, make_session, resolve_provider,
+                               session_runs_on, time_interleaved)
 from pruneflow.params import Params
-from pruneflow.runtime import Layout, stage_main
-from pruneflow.task import load_model, load_tokenizer, predict_logits
+from pruneflow.runtime import Layout, load_tokenizer, stage_main
+from pruneflow.tasks import get_task, ort_runner, torch_runner
 
 log = logging.getLogger("pruneflow.benchmark")
 
@@ -124,14 +124,13 @@ def run(params: Params, layout: Layout) -> dict:
     torch.set_num_threads(b.threads)
     provider = resolve_provider(b.provider)
     sessions = {name: make_session(path, provider, b.threads) for name, path in onnx_files.items()}
-    models = {name: load_model(src, attn=b.torch_attn) for name, src in (("dense", layout.dense),
-                                                                          ("pruned", layout.pruned))}
+    task = get_task(params.task.kind)
+    models = {name: task.load_model(src, attn=b.torch_attn) for name, src in (("dense", layout.dense),
+                                                                               ("pruned", layout.pruned))}
     tokenizer = load_tokenizer(layout.onnx)
-    eval_rows = read_jsonl(layout.prepared / "eval.jsonl")
-    texts = [r["text"] for r in eval_rows]
+    texts, labels = task.eval_split(layout.prepared)
     if not texts:
         raise ValueError(f"{layout.prepared / 'eval.jsonl'} is empty: the benchmark times real eval sentences")
-    labels = [r["label"] for r in eval_rows] if eval_rows and "label" in eval_rows[0] else None
     shapes = grid_shapes(b.batch_sizes, b.seq_lens, b.reference)
     max_positions = models["dense"].config.max_position_embeddings
     if max(seq for _, seq in shapes) > max_positions:
@@ -141,10 +140,10 @@ def run(params: Params, layout: Layout) -> dict:
     ev = params.evaluate
     quality = {}
     for name in MODELS:
-        torch_out = predict_logits(models[name], tokenizer, texts, ev.batch_size, ev.max_length, "cpu",
-                                   f"torch {name} eval")
-        ort_out = ort_predict_logits(sessions[name], tokenizer, texts, ev.batch_size, ev.max_length,
-                                     f"onnx {name} eval")
+        torch_out = task.predict(torch_runner(models[name], "cpu"), tokenizer, texts, ev.batch_size, ev.max_length,
+                                 f"torch {name} eval")
+        ort_out = task.predict(ort_runner(sessions[name]), tokenizer, texts, ev.batch_size, ev.max_length,
+                               f"onnx {name} eval")
         quality[name] = agreement(name, torch_out, ort_out, labels, params.export.atol)
 
     ref_batch, ref_seq = b.reference

@@ -1,8 +1,8 @@
-"""collect: stream unlabeled calibration text through the dense model; keep per-layer sufficient statistics.
+"""collect: stream unlabeled calibration text through the dense model; keep per-module sufficient statistics.
 
 reads   data/dense, data/prepared/calib.jsonl
 writes  data/stats/{stats.safetensors, stats.json}, metrics/collect.json
-params  collect, runtime
+params  collect, task, runtime
 Memory is flat in the number of samples (N×N Gram matrices, not activations). The same run also times the
 plain forward passes over the calibration set (no hooks), the yardstick that pruning time is reported against.
 """
@@ -17,23 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from pruneflow.adapters import get_adapter
-from pruneflow.artifacts import read_jsonl, save_tensors, write_json
+from pruneflow.artifacts import write_json
 from pruneflow.params import Params
-from pruneflow.runtime import Layout, peak_rss_mb, release_freed_memory_to_os, setup_torch, stage_main
-from pruneflow.stats import collect_statistics, tokenized_batches
-from pruneflow.task import load_model, load_tokenizer
+from pruneflow.runtime import Layout, load_tokenizer, peak_rss_mb, release_freed_memory_to_os, setup_torch, stage_main
+from pruneflow.stats import collect_statistics, save_statistics, tokenized_batches
+from pruneflow.tasks import get_task
 
 log = logging.getLogger("pruneflow.collect")
-
-
-def calibration_texts(params: Params, layout: Layout) -> list[str]:
-    texts = [r["text"] for r in read_jsonl(layout.prepared / "calib.jsonl") if r.get("text", "").strip()]
-    if params.collect.max_samples:
-        texts = texts[: params.collect.max_samples]
-    if not texts:
-        raise ValueError(f"{layout.prepared / 'calib.jsonl'} holds no text: empty calibration data "
-                         "(check prepare.source and prepare.calib_size)")
-    return texts
 
 
 @torch.inference_mode()
@@ -50,8 +40,9 @@ def run(params: Params, layout: Layout) -> dict:
     if p.return_memory:  # flat peak memory: what we keep is O(N²) per layer, never O(samples)
         release_freed_memory_to_os()
     device = setup_torch(params)
-    texts = calibration_texts(params, layout)
-    model = load_model(layout.dense, attn="sdpa").to(device)
+    task = get_task(params.task.kind)
+    texts = task.calibration_texts(layout.prepared, p.max_samples)
+    model = task.load_model(layout.dense, attn="sdpa").to(device)
     adapter = get_adapter(model)
     tokenizer = load_tokenizer(layout.dense)
     batches = lambda: tokenized_batches(tokenizer, texts, p.batch_size, p.max_length, device, p.max_tokens)  # noqa: E731
@@ -61,24 +52,14 @@ def run(params: Params, layout: Layout) -> dict:
     with tqdm(total=len(texts), desc="collect", unit="sent") as bar:
         stats = collect_statistics(model, adapter, batches(), p.vote_topk, bar)
     seconds = time.perf_counter() - t0
-    info = {"tokens": stats.tokens, "sequences": stats.sequences, "mean_length": stats.mean_length,
-            "vote_topk": p.vote_topk, "max_length": p.max_length, "family": adapter.family}
-    save_tensors(layout.stats / "stats.safetensors", stats.to_tensors())
-    write_json(layout.stats / "stats.json", info)
+    info = {"vote_topk": p.vote_topk, "max_length": p.max_length, "family": adapter.family}
+    save_statistics(stats, layout.stats, info)
     metrics = {"seconds": round(seconds, 2), "forward_seconds": forward_seconds and round(forward_seconds, 2),
-               "peak_rss_mb": round(peak_rss_mb(), 1), **info}
+               "peak_rss_mb": round(peak_rss_mb(), 1), **stats.info(), **info}
     write_json(layout.metrics / "collect.json", metrics)
     log.info("%d sentences, %d tokens (mean length %.1f): collect %.1fs, plain forward %s s",
              stats.sequences, stats.tokens, stats.mean_length, seconds, metrics["forward_seconds"])
     return {"seconds": metrics["seconds"], "tokens": stats.tokens}
-
-
-def load_statistics(layout: Layout, num_layers: int):
-    from pruneflow.artifacts import load_tensors, read_json
-    from pruneflow.stats import Statistics
-
-    return Statistics.from_tensors(load_tensors(layout.stats / "stats.safetensors"), num_layers,
-                                   read_json(layout.stats / "stats.json"))
 
 
 if __name__ == "__main__":

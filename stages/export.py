@@ -2,7 +2,7 @@
 
 reads   data/dense, data/pruned (models + tokenizer), data/prepared/eval.jsonl (real sentences for the check)
 writes  data/onnx/{dense.onnx, pruned.onnx} + the tokenizer files beside them, metrics/export.json
-params  export
+params  export, task
 Each file is self-contained (weights inside), takes input_ids + attention_mask with dynamic batch and
 sequence axes and returns logits. The stage fails, writing nothing, unless onnxruntime's logits match
 PyTorch's within export.atol on real eval batches of mixed lengths (padded) and on a single sentence.
@@ -19,26 +19,23 @@ from pathlib import Path
 import numpy as np
 
 from pruneflow.adapters import get_adapter
-from pruneflow.artifacts import atomic_path, read_jsonl, write_json
-from pruneflow.onnx_io import (check_parity, export_onnx, latency_ms, make_session, model_metadata, optimize_transformer,
+from pruneflow.artifacts import atomic_path, write_json
+from pruneflow.onnx_io import (check_parity, export_onnx, latency_ms, make_session, optimize_transformer,
                                parity_batches, parity_diff, set_metadata, time_interleaved)
 from pruneflow.params import ExportParams, Params
-from pruneflow.runtime import Layout, stage_main
-from pruneflow.task import load_model, load_tokenizer
+from pruneflow.runtime import Layout, load_tokenizer, stage_main
+from pruneflow.tasks import Task, get_task
 
 log = logging.getLogger("pruneflow.export")
-
-# onnxruntime's transformer optimizer knows these encoder graphs (model_type "bert" covers both).
-OPTIMIZABLE_FAMILIES = ("bert", "distilbert")
 
 
 def _try_optimize(model, plain: Path, batches: list[dict[str, np.ndarray]], p: ExportParams) -> dict:
     """Optimize `plain`; replace it with the optimized file only if that is within atol and faster."""
-    family = get_adapter(model).family
-    if family not in OPTIMIZABLE_FAMILIES:
-        return {"kept": False, "reason": f"no onnxruntime transformer-optimizer support for family {family!r}"}
+    adapter = get_adapter(model)
+    if adapter.ort_optimizer_type is None:
+        return {"kept": False, "reason": f"no onnxruntime transformer-optimizer support for family {adapter.family!r}"}
     candidate = plain.with_name(plain.stem + ".optimized.onnx")
-    fused = optimize_transformer(plain, candidate)
+    fused = optimize_transformer(plain, candidate, adapter.ort_optimizer_type)
     sessions = {"plain": make_session(plain, "cpu", p.threads), "optimized": make_session(candidate, "cpu", p.threads)}
     diff = parity_diff(model, sessions["optimized"], batches)
     report = {"fused_ops": fused, "max_abs_diff": diff}
@@ -60,10 +57,10 @@ def _try_optimize(model, plain: Path, batches: list[dict[str, np.ndarray]], p: E
                      "reason": "faster and within atol" if faster else "not faster than the plain export"}
 
 
-def _export_one(name: str, src: Path, out: Path, tokenizer, texts: list[str], p: ExportParams) -> dict:
+def _export_one(task: Task, name: str, src: Path, out: Path, tokenizer, texts: list[str], p: ExportParams) -> dict:
     if not src.exists():
         raise FileNotFoundError(f"{src} not found: run the stage that writes it first (dvc repro)")
-    model = load_model(src)
+    model = task.load_model(src)
     max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
     batches = parity_batches(tokenizer, texts, p.parity_sentences, max_length)
     sample = {k: v[:2] for k, v in batches[0].items()}
@@ -75,7 +72,7 @@ def _export_one(name: str, src: Path, out: Path, tokenizer, texts: list[str], p:
         report["optimize"] = _try_optimize(model, out, batches, p)
         if report["optimize"]["kept"]:
             report["max_abs_diff"] = report["optimize"]["max_abs_diff"]
-    set_metadata(out, model_metadata(model) | {"pruneflow.model": name, "pruneflow.source": str(src)})
+    set_metadata(out, task.export_metadata(model) | {"pruneflow.model": name, "pruneflow.source": str(src)})
     report["size_mb"] = round(out.stat().st_size / 2**20, 2)
     log.info("%s: exported in %.1fs, %.1f MiB, max |logit diff| %.2g%s", name, seconds, report["size_mb"], diff,
              " (optimized kept)" if report.get("optimize", {}).get("kept") else "")
@@ -88,12 +85,13 @@ def run(params: Params, layout: Layout) -> dict:
     eval_path = layout.prepared / "eval.jsonl"
     if not eval_path.exists():
         raise FileNotFoundError(f"{eval_path} not found: run the prepare stage first")
-    texts = [r["text"] for r in read_jsonl(eval_path)]
+    task = get_task(params.task.kind)
+    texts, _ = task.eval_split(layout.prepared)
     tokenizer = load_tokenizer(layout.dense)
     models = {"dense": layout.dense, "pruned": layout.pruned}
     with atomic_path(layout.onnx) as tmp:  # all or nothing: a failed check leaves the old data/onnx alone
         tmp.mkdir(parents=True)
-        reports = {name: _export_one(name, src, tmp / f"{name}.onnx", tokenizer, texts, p)
+        reports = {name: _export_one(task, name, src, tmp / f"{name}.onnx", tokenizer, texts, p)
                    for name, src in models.items()}
         tokenizer.save_pretrained(str(tmp))
     metrics = {"opset": p.opset, "exporter": p.exporter, "atol": p.atol,

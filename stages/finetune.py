@@ -1,8 +1,9 @@
 """finetune: produce the dense task model a user would normally bring. Not part of pruning.
 
-reads   data/prepared/{train,eval}.jsonl, finetune.base_model (the packaged MiniLM) or finetune.task_model
-writes  data/dense/ (HF classifier + tokenizer), metrics/finetune.json
-params  finetune, runtime
+reads   data/prepared/{train,eval,provenance}.jsonl, finetune.base_model (the packaged MiniLM) or
+        finetune.task_model
+writes  data/dense/ (HF classifier + tokenizer; the label names from prepare in its config), metrics/finetune.json
+params  finetune, task, runtime
 With finetune.task_model set (the user's own fine-tuned classifier) nothing is trained: it is validated,
 copied to data/dense and evaluated, so every later stage sees the same layout.
 """
@@ -20,11 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pruneflow.adapters import get_adapter
-from pruneflow.artifacts import atomic_path, read_jsonl, write_json
+from pruneflow.artifacts import atomic_path, read_json, read_jsonl, write_json
 from pruneflow.data import resolve_model_path
 from pruneflow.params import Params
-from pruneflow.runtime import Layout, setup_torch, stage_main
-from pruneflow.task import accuracy, load_model, load_tokenizer, predict_logits
+from pruneflow.runtime import Layout, load_tokenizer, setup_torch, stage_main
+from pruneflow.tasks import get_task, torch_runner
 
 log = logging.getLogger("pruneflow.finetune")
 
@@ -64,45 +65,53 @@ def _train(model, tokenizer, rows: list[dict], p, device: str) -> float:
     return float(np.mean(losses[-50:]))
 
 
+def label_names(layout: Layout, train_rows: list[dict]) -> dict[int, str]:
+    """id -> label name: what prepare recorded (provenance.json "id2label"), else the ids themselves."""
+    provenance = layout.prepared / "provenance.json"
+    recorded = read_json(provenance).get("id2label") if provenance.exists() else None
+    if recorded:
+        return {int(k): str(v) for k, v in recorded.items()}
+    ids = sorted({int(r["label"]) for r in train_rows if "label" in r}) or [0, 1]
+    return {i: str(i) for i in range(max(ids) + 1)}
+
+
 def run(params: Params, layout: Layout) -> dict:
     """Fine-tune the packaged MiniLM on train (or adopt finetune.task_model), evaluate on eval."""
-    from transformers import AutoModelForSequenceClassification
-
     p = params.finetune
     device = setup_torch(params)
+    task = get_task(params.task.kind)
     train_rows = read_jsonl(layout.prepared / "train.jsonl")
-    eval_rows = read_jsonl(layout.prepared / "eval.jsonl")
-    if not eval_rows or "label" not in eval_rows[0]:
+    texts, labels = task.eval_split(layout.prepared)
+    if labels is None:
         raise ValueError("finetune: the eval split has no labels; accuracy needs a labeled eval split")
     t0 = time.perf_counter()
     if p.task_model:
         src = resolve_model_path(p.task_model, layout.root)
-        model = load_model(src)
+        model = task.load_model(src)
         get_adapter(model)  # fails early, naming the supported architectures
         tokenizer = load_tokenizer(src)
         final_loss, trained = None, False
     else:
         src = resolve_model_path(p.base_model, layout.root)
         tokenizer = load_tokenizer(src)
-        model = AutoModelForSequenceClassification.from_pretrained(str(src), num_labels=2, attn_implementation="sdpa")
+        torch.manual_seed(p.seed)  # the new classification head's init, too, is seeded (reproducible runs)
+        model = task.base_model(src, label_names(layout, train_rows))
         get_adapter(model)
         if not train_rows or "label" not in train_rows[0]:
             raise ValueError("finetune: training needs a labeled train split (or set finetune.task_model)")
         final_loss, trained = _train(model, tokenizer, train_rows, p, device), True
     train_seconds = time.perf_counter() - t0
     model.eval()
-    logits = predict_logits(model, tokenizer, [r["text"] for r in eval_rows], 128, 128, device, "eval")
-    acc = accuracy(logits, [r["label"] for r in eval_rows])
+    q = task.quality(*(2 * [task.predict(torch_runner(model, device), tokenizer, texts, 128, 128, "eval")]), labels)
+    acc = q["accuracy_dense"]
     with atomic_path(layout.dense) as tmp:
-        model.config.id2label = {0: "negative", 1: "positive"}
-        model.config.label2id = {"negative": 0, "positive": 1}
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     write_json(layout.metrics / "finetune.json", {
-        "accuracy": acc, "n_eval": len(eval_rows), "trained": trained, "source": str(src),
+        "accuracy": acc, "n_eval": len(texts), "trained": trained, "source": str(src),
         "train_seconds": round(train_seconds, 1), "final_train_loss": final_loss, "device": device,
     })
-    log.info("eval accuracy %.4f on %d sentences", acc, len(eval_rows))
+    log.info("eval accuracy %.4f on %d sentences", acc, len(texts))
     return {"accuracy": f"{acc:.4f}"}
 
 

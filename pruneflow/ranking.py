@@ -1,0 +1,62 @@
+"""Ranking every prunable unit of every layer: the registered method gives scores (or ranks greedily), and
+one shared routine, scoring.elimination_path, walks that order and records the exact reconstruction error
+left after closed-form correction, so every method gets per-layer error curves for the allocation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from pruneflow import scoring
+from pruneflow.adapters import SUBLAYERS, Adapter
+from pruneflow.methods import METHODS, RankContext, method_options
+from pruneflow.params import RankParams
+from pruneflow.stats import ModuleStats, Statistics
+
+
+def head_method_name(p: RankParams) -> str:
+    """rank.heads, or with 'auto' the rank method itself where it ranks heads, else activation."""
+    if p.heads != "auto":
+        return p.heads
+    return p.method if METHODS[p.method].ranks_heads else "activation"
+
+
+def error_space(adapter: Adapter, i: int, name: str, W: torch.Tensor, st: ModuleStats, by_norm: bool
+                ) -> tuple[torch.Tensor, float]:
+    """The output projection as seen after the LayerNorm that follows it, and that space's error scale.
+
+    Post-LN: out = γ ⊙ (s − mean)/σ + β, so an error Δs on the LayerNorm input reaches the next layer as
+    γ ⊙ Δs / σ. Weighting W's rows by γ and dividing errors by E[σ²] makes errors comparable across layers and
+    sublayers (the residual stream's outlier dimensions inflate σ but usually carry small γ). Row weights do not
+    change the least-squares correction (rows are fitted independently), only which units cost least to remove.
+    Without a post-norm (pre-LN decoders) errors are relative to the sublayer's output energy."""
+    norm = adapter.norm(i, name)
+    if by_norm and norm is not None and st.norm_scale:
+        gamma = norm.weight.detach().double()
+        return W.double() * gamma[:, None], st.norm_scale / W.shape[0]
+    return W.double(), float(torch.einsum("dn,nm,dm->", W.double(), st.cov, W.double()))
+
+
+def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: bool = True,
+               calibration=None) -> dict:
+    """Orders (least important first) and error curves for every layer and sublayer."""
+    methods = {"ffn": method_options(p, p.method), "attn": method_options(p, head_method_name(p))}
+    ctx = RankContext(adapter, stats, p.seed, calibration)
+    layers = []
+    for i in tqdm(range(adapter.num_layers), desc=f"rank ({p.method})", disable=not progress):
+        entry = {}
+        for name in SUBLAYERS:
+            st = ctx.sublayer_stats(i, name)
+            method = methods[name]
+            order = None if method.greedy else scoring.order_from_scores(method.scores(ctx, i, name))
+            units = adapter.units(name)
+            chunk = 1 if name == "attn" else max(1, math.ceil(p.chunk * units))
+            W = adapter.out_proj(i, name).weight.detach()
+            W_eff, scale = error_space(adapter, i, name, W, st, p.norm_weighting)
+            path = scoring.elimination_path(st.cov, W_eff, adapter.group_size(name), order, chunk, p.ridge)
+            entry[name] = {"units": units, "order": path.order, "removed": path.removed,
+                           "error": [e / scale for e in path.error], "scale": scale}
+        layers.append(entry)
+    return {"method": p.method, "head_method": head_method_name(p), "layers": layers}

@@ -1,0 +1,171 @@
+"""The budget × method sweep: prune at every (method spec, budget) point in memory and evaluate, sharing the
+calibration statistics, each ranking, the dense predictions and the dense trace of the sequential correction.
+
+A point's method spec is `<rank method>[+<allocation>][+<correction>][+seq|+noseq]`; what it does not name
+comes from params.yaml (`+none` fits nothing, so it is never sequential). E.g. `obs`, `activation+noseq`,
+`magnitude+none`, `obs+error`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from functools import lru_cache
+from pathlib import Path
+
+from pruneflow.adapters import get_adapter
+from pruneflow.artifacts import atomic_path, write_json, write_text
+from pruneflow.correction import METHODS as CORRECTIONS
+from pruneflow.cost import make_cost
+from pruneflow.params import Params
+from pruneflow.pruning import prune_to_selection, uses_sequential
+from pruneflow.ranking import rank_model
+from pruneflow.runtime import Layout, setup_torch
+from pruneflow.selection import resolve_seq_len, select_units
+from pruneflow.stats import load_statistics
+from pruneflow.tasks import get_task, torch_runner
+
+ALLOCATIONS = ("uniform", "error")
+
+
+def parse_spec(spec: str, params: Params) -> Params:
+    """Params for one method spec, e.g. 'activation+uniform' = rank.method=activation, select.allocation=uniform."""
+    method, *mods = spec.split("+")
+    update = {"rank": params.rank.model_dump() | {"method": method}, "select": params.select.model_dump(),
+              "correct": params.correct.model_dump()}
+    for mod in mods:
+        if mod in ALLOCATIONS:
+            update["select"]["allocation"] = mod
+        elif mod in CORRECTIONS:
+            update["correct"]["method"] = mod
+        elif mod in ("seq", "noseq"):
+            update["correct"]["sequential"] = mod == "seq"
+        else:
+            raise ValueError(f"sweep method {spec!r}: unknown modifier {mod!r} (allocations {ALLOCATIONS}, "
+                             f"corrections {CORRECTIONS}, or seq/noseq)")
+    return Params.model_validate(params.model_dump() | update)
+
+
+def points(params: Params) -> list[tuple[str, float]]:
+    for spec in params.sweep.methods:
+        parse_spec(spec, params)  # fail before any work on a bad spec
+    return [(m, b) for m in params.sweep.methods for b in params.sweep.budgets]
+
+
+class _Context:
+    """What every point shares, loaded once per process."""
+
+    def __init__(self, params: Params, layout: Layout):
+        self.task = get_task(params.task.kind)
+        self.device = setup_torch(params)
+        self.model = self.task.load_model(layout.dense)
+        self.adapter = get_adapter(self.model)
+        self.stats = load_statistics(layout.stats)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(layout.dense))
+        self.texts, self.labels = self.task.eval_split(layout.prepared)
+        ev = params.evaluate
+        self.dense_out = self.task.predict(torch_runner(self.model, self.device), self.tokenizer, self.texts,
+                                           ev.batch_size, ev.max_length)
+        self.rankings: dict[str, tuple[dict, float]] = {}
+        self.traces: dict[str, object] = {}
+
+    def dense_trace(self, p: Params, layout: Layout):
+        """One dense pass over the calibration text, shared by every sequential point."""
+        from pruneflow.sequential import DenseTrace
+
+        key = f"{p.correct.max_samples}/{p.collect.batch_size}/{p.collect.max_length}"
+        if key not in self.traces:
+            texts = self.task.calibration_texts(layout.prepared, p.collect.max_samples)[: p.correct.max_samples]
+            self.traces[key] = DenseTrace(self.model, self.tokenizer, texts, p.collect.batch_size,
+                                          p.collect.max_length, self.device, keep=True)
+        return self.traces[key]
+
+
+@lru_cache(maxsize=2)
+def _context(params_json: str, root: str) -> _Context:
+    return _Context(Params.model_validate_json(params_json), Layout(Path(root)))
+
+
+def run_point(params: Params, layout: Layout, method: str, budget: float) -> dict:
+    """Prune at one (method spec, budget) in memory and evaluate; returns one table row."""
+    ctx = _context(params.model_dump_json(), str(layout.root))
+    p = parse_spec(method, params)
+    p = p.model_copy(update={"select": p.select.model_copy(update={"budget": budget})})
+    t0 = time.perf_counter()
+    key = p.rank.model_dump_json()
+    if key not in ctx.rankings:
+        r0 = time.perf_counter()
+        ctx.rankings[key] = (rank_model(ctx.adapter, ctx.stats, p.rank, progress=False), time.perf_counter() - r0)
+    ranking, rank_seconds = ctx.rankings[key]
+    seq_len = resolve_seq_len(p.select.seq_len, ctx.stats.info())
+    sel = select_units(ctx.model, ctx.adapter, ranking, p.select, make_cost(p.select.cost, seq_len, p.select.tolerance),
+                       seq_len)
+    trace = (lambda: ctx.dense_trace(p, layout)) if uses_sequential(p.correct) else None
+    pruned_model, _, _ = prune_to_selection(ctx.model, ctx.stats, sel, p.correct, ctx.device, trace)
+    prune_seconds = time.perf_counter() - t0 + rank_seconds
+    out = ctx.task.predict(torch_runner(pruned_model, ctx.device), ctx.tokenizer, ctx.texts, p.evaluate.batch_size,
+                           p.evaluate.max_length)
+    q = ctx.task.quality(ctx.dense_out, out, ctx.labels)
+    return {"method": method, "budget": budget, "flops_ratio": sel["flops_ratio"], **q,
+            "heads_per_layer": sel["heads_per_layer"], "neurons_per_layer": sel["neurons_per_layer"],
+            "seconds": round(prune_seconds, 2)}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Accuracy (agreement) per method and budget; dense accuracy in the header."""
+    budgets = sorted({r["budget"] for r in rows}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["budget"]): r for r in rows}
+    dense = rows[0]["accuracy_dense"] if rows else float("nan")
+    out = io.StringIO()
+    out.write(f"Eval accuracy % (agreement with dense %), dense = {100 * dense:.2f}%; columns: FLOP budget\n\n")
+    out.write("| method | " + " | ".join(f"{b:g}" for b in budgets) + " |\n")
+    out.write("|---|" + "---|" * len(budgets) + "\n")
+    for m in methods:
+        vals = [f"{100 * cell[(m, b)]['accuracy_pruned']:.2f} ({100 * cell[(m, b)]['agreement']:.1f})"
+                if (m, b) in cell else "–" for b in budgets]
+        out.write(f"| {m} | " + " | ".join(vals) + " |\n")
+    return out.getvalue()
+
+
+def write_report(rows: list[dict], layout: Layout, params: Params | None = None) -> None:
+    write_json(layout.metrics / "sweep.json", {"points": rows})
+    buf = io.StringIO()
+    cols = ["method", "budget", "flops_ratio", "accuracy_pruned", "agreement", "accuracy_dense", "seconds"]
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(layout.plots / "sweep.csv", buf.getvalue())
+    write_text(layout.plots / "sweep.md", markdown_table(rows))
+    _plot(rows, layout)
+
+
+def _plot(rows: list[dict], layout: Layout) -> None:
+    """Accuracy vs FLOP fraction, one line per method: the full range, and a zoom on the methods near dense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    dense = 100 * rows[0]["accuracy_dense"] if rows else None
+    for ax, zoom in zip(axes, (False, True)):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["flops_ratio"], 100 * r["accuracy_pruned"]) for r in rows if r["method"] == m)
+            ax.plot(*zip(*pts), marker="o", ms=4, label=m)
+        if dense is not None:
+            ax.axhline(dense, color="gray", ls="--", lw=1, label="dense")
+            if zoom:
+                ax.set_ylim(dense - 4, dense + 0.7)
+        ax.set_xlabel("FLOPs of pruned / dense (fvcore)")
+        ax.set_ylabel("eval accuracy (%)")
+        ax.set_title("zoom: within 4 points of dense" if zoom else "all methods")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(layout.plots / "sweep.png", ".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,78 @@
+"""Sequence classification (BERT-family encoders): accuracy on the labeled eval split, and agreement with the
+dense model's predictions (the fraction of eval texts where both predict the same class), which separates
+methods with less noise than accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pruneflow.artifacts import read_jsonl
+from pruneflow.stats import length_sorted_batches
+from pruneflow.tasks.base import Task, register
+
+
+def accuracy(logits: np.ndarray, labels: list[int]) -> float:
+    return float((logits.argmax(-1) == np.asarray(labels)).mean())
+
+
+@register
+class Classification(Task):
+    kind = "classification"
+    headline = ("accuracy_dense", "accuracy_pruned", "agreement")
+
+    def load_model(self, path, attn="sdpa"):
+        from transformers import AutoModelForSequenceClassification
+
+        return self.load_pruned_or(path, attn, lambda p: AutoModelForSequenceClassification.from_pretrained(
+            str(p), attn_implementation=attn))
+
+    def base_model(self, path: str | Path, id2label: dict[int, str]):
+        """The packaged base encoder with a fresh classification head for these labels (finetune)."""
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+            attn_implementation="sdpa")
+
+    def calibration_texts(self, prepared, max_samples=None):
+        path = Path(prepared) / "calib.jsonl"
+        texts = [r["text"] for r in read_jsonl(path) if r.get("text", "").strip()]
+        texts = texts[:max_samples] if max_samples else texts
+        if not texts:
+            raise ValueError(f"{path} holds no text: empty calibration data (check prepare.source and "
+                             "prepare.calib_size)")
+        return texts
+
+    def eval_split(self, prepared):
+        rows = read_jsonl(Path(prepared) / "eval.jsonl")
+        labels = [r["label"] for r in rows] if rows and all("label" in r for r in rows) else None
+        return [r["text"] for r in rows], labels
+
+    def predict(self, run, tokenizer, texts, batch_size, max_length, progress=None):
+        from tqdm.auto import tqdm
+
+        out, n_classes = None, None
+        batches = length_sorted_batches(tokenizer, texts, batch_size, max_length, return_tensors="np")
+        for idx, enc in tqdm(batches, desc=progress, disable=progress is None, leave=False,
+                             total=-(-len(texts) // batch_size)):
+            logits = run(enc)
+            if out is None:
+                n_classes = logits.shape[-1]
+                out = np.empty((len(texts), n_classes), dtype=logits.dtype)
+            out[np.asarray(idx)] = logits
+        return out if out is not None else np.zeros((0, 2), np.float32)
+
+    def quality(self, dense, pruned, labels):
+        q = {"agreement": float((dense.argmax(-1) == pruned.argmax(-1)).mean()), "n_eval": int(len(dense))}
+        if labels is not None:
+            q = {"accuracy_dense": accuracy(dense, labels), "accuracy_pruned": accuracy(pruned, labels)} | q
+            q["accuracy_drop_points"] = 100 * (q["accuracy_dense"] - q["accuracy_pruned"])
+        return q
+
+    def export_metadata(self, model):
+        import json
+
+        id2label = getattr(model.config, "id2label", None) or {}
+        return {"id2label": json.dumps({int(k): v for k, v in id2label.items()})}

@@ -1,0 +1,45 @@
+"""dvc.yaml (and sweep/dvc.yaml) list every repository file each stage's module imports, transitively, so
+editing any of them re-runs the stages that use it (a stale result never looks current)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from repo_imports import REPO, transitive_files
+
+
+def _stages():
+    for dvc_file in ("dvc.yaml", "sweep/dvc.yaml"):
+        for name, stage in yaml.safe_load((REPO / dvc_file).read_text())["stages"].items():
+            yield dvc_file, name, stage
+
+
+@pytest.mark.parametrize("dvc_file,name,stage", list(_stages()), ids=lambda v: v if isinstance(v, str) else "")
+def test_stage_lists_its_transitive_imports(dvc_file, name, stage):
+    module = stage["cmd"].split("-m", 1)[1].split()[0]
+    deps = {Path(d) for d in stage["deps"]}
+    needed = {f for f in transitive_files(module) if f != Path("stages/__init__.py")}
+    missing = sorted(str(f) for f in needed if not any(f == d or d in f.parents for d in deps))
+    assert not missing, f"{dvc_file} stage {name!r} imports these files but does not list them in deps: {missing}"
+
+
+def test_listed_code_deps_exist():
+    for dvc_file, name, stage in _stages():
+        for d in stage["deps"]:
+            if d.endswith(".py") or d.startswith(("pruneflow/", "stages/")):
+                assert (REPO / d).exists(), f"{dvc_file} stage {name!r} lists {d}, which does not exist"
+
+
+def test_no_library_module_imports_a_stage_and_no_stage_imports_another():
+    from repo_imports import direct_imports
+
+    for path in (REPO / "pruneflow").rglob("*.py"):
+        mod = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        bad = [m for m in direct_imports(path, mod.rsplit(".", 1)[0]) if m.startswith("stages")]
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}: library code must not import stages"
+    for path in (REPO / "stages").glob("*.py"):
+        bad = [m for m in direct_imports(path, "stages") if m.startswith("stages.") and m != "stages"]
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}: stages must not import each other"

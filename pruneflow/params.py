@@ -102,7 +102,10 @@ class RankParams(Section):
 
 
 class SelectParams(Section):
-    budget: float = Field(0.5, gt=0, le=1, description="allowed fraction of the dense model's fvcore FLOPs")
+    budget: float = Field(0.5, gt=0, le=1, description="allowed fraction of the dense model's cost (select.cost)")
+    cost: Literal["flops", "params", "nonzeros"] = Field(
+        "flops", description="flops: fvcore FLOPs at seq_len; params: parameters of the transformer blocks; "
+                             "nonzeros: nonzero weights of the blocks' Linear layers (pruneflow/cost.py)")
     allocation: Literal["uniform", "error"] = "uniform"
     seq_len: int | Literal["auto"] = Field("auto", description="FLOPs are counted at this length; auto = mean calib length")
     min_heads: int = Field(1, ge=0, description="per layer; 0 lets a layer lose its attention entirely")

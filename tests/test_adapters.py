@@ -1,9 +1,10 @@
 """Conformance suite for every architecture adapter in `pruneflow.adapters.ADAPTERS` (tiny random models).
 
-It proves, for each adapter family (bert, distilbert, llama):
+It proves, for each registered adapter family (bert, distilbert, llama, mistral, qwen2, qwen3, gemma3):
 - slicing is exact: removing units whose outgoing weights were zeroed first changes no output, with
   non-uniform kept sets per layer, a layer with zero heads and a layer with zero neurons, on padded inputs
   (Llama: all-ones mask; GQA kept sets with equal counts per kept KV group, whole groups dropping their k/v head);
+- masking units by hooks (`adapter.masked`) computes what slicing them computes;
 - `save_pruned` / `load_pruned` round-trip exactly (same state_dict keys, shapes, values and logits);
 - the analytic multiply-add count (`adapter.macs`) equals fvcore's matmul count on sliced models;
 - `adapter.shape()` reports the kept counts; `unit_macs` is the MAC cost of one more head / neuron;
@@ -18,11 +19,10 @@ import pytest
 import torch
 import transformers
 
-from pruneflow.adapters import (
-    ADAPTERS, ConstantSublayer, LayerShape, UnsupportedArchitecture, get_adapter, load_pruned, save_pruned,
-)
+from pruneflow.adapters import ADAPTERS, ConstantSublayer, LayerShape, UnsupportedArchitecture, get_adapter
 from pruneflow.flops import count_flops
-from tiny import FACTORIES, TINY, tiny_inputs
+from pruneflow.plan import Plan, load_pruned, save_pruned
+from tiny import DECODERS, FACTORIES, TINY, tiny_inputs
 
 FAMILIES = [a.family for a in ADAPTERS]
 H, N = TINY["heads"], TINY["ffn"]
@@ -48,13 +48,13 @@ def make(family: str, layers: int = 3):
 
 def inputs_for(family: str, batch: int = 3, seq: int = 10):
     inp = tiny_inputs(batch=batch, seq=seq)
-    if family == "llama":
+    if family in DECODERS:
         inp["attention_mask"] = torch.ones_like(inp["attention_mask"])
     return inp
 
 
 def cases_for(family: str):
-    return CASES["gqa" if family == "llama" else "mha"]
+    return CASES["gqa" if family in DECODERS else "mha"]
 
 
 def expected_kv(adapter, heads: list[int]) -> int:
@@ -115,8 +115,8 @@ def test_slicing_zeroed_units_changes_no_output(family, case):
         torch.testing.assert_close(a, z, atol=1e-5, rtol=0, msg=lambda m: f"output {k}: {m}")
     # the empty sublayers really are gone, and the kept weights were sliced
     for i in range(adapter.num_layers):
-        assert adapter.attn_empty(i) == (not kh[i])
-        assert adapter.ffn_empty(i) == (not kn[i])
+        assert adapter.empty(i, "attn") == (not kh[i])
+        assert adapter.empty(i, "ffn") == (not kn[i])
     assert any(isinstance(m, ConstantSublayer) for m in model.modules())
 
 
@@ -147,7 +147,7 @@ def test_slicing_keeps_the_selected_weights(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_and_load_pruned_round_trip(family, tmp_path):
     model, kh, kn = sliced(family, 0)
-    save_pruned(model, tmp_path / "pruned", kh, kn, info={"budget": 0.5})
+    save_pruned(model, tmp_path / "pruned", Plan(kh, kn), info={"budget": 0.5})
     loaded = load_pruned(tmp_path / "pruned")
     eager = load_pruned(tmp_path / "pruned", attn="eager")
     assert eager.config._attn_implementation == "eager"
@@ -203,7 +203,7 @@ def test_gqa_shape_drops_kv_heads_of_dropped_groups():
     model, kh, kn = sliced("llama", 0)
     shape = get_adapter(model).shape()
     assert [s.kv_heads for s in shape] == [1, 0, 2]
-    attn0 = get_adapter(model).attn_module(0)
+    attn0 = get_adapter(model).layers()[0].self_attn
     assert attn0.num_key_value_groups == 2
 
 
@@ -290,6 +290,96 @@ def test_unit_macs_is_the_cost_of_one_more_head_and_neuron(family):
     assert sliced_macs(more_h, base_n) - base == head
     assert sliced_macs(base_h, more_n) - base == neuron
     assert head > 0 and neuron > 0
-    if family != "llama":  # MHA: one more head brings its own k and v rows
+    if family not in DECODERS:  # MHA: one more head brings its own k and v rows
         dh, d = get_adapter(make(family, 1)).head_dim, TINY["hidden"]
         assert head == 4 * seq * d * dh + 2 * seq * seq * dh
+
+
+# --- masking by hooks equals slicing ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masking_units_equals_slicing_them(family):
+    model = make(family)
+    adapter = get_adapter(model)
+    kh, kn = cases_for(family)[0]
+    inp = inputs_for(family)
+    masks = {}
+    for i in range(adapter.num_layers):
+        masks[(i, "attn")] = torch.tensor([float(h in kh[i]) for h in range(adapter.dense_heads)])
+        masks[(i, "ffn")] = torch.tensor([float(j in kn[i]) for j in range(adapter.dense_neurons)])
+    dense = outputs(model, inp)
+    with adapter.masked(masks):
+        masked = outputs(model, inp)
+    after_exit = outputs(model, inp)
+    for a, b in zip(dense, after_exit):  # hooks are gone: the live model is unchanged
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.allclose(dense[-1], masked[-1], atol=1e-3), "masking should matter (test has no teeth)"
+    adapter.slice_(kh, kn)
+    for k, (a, m) in enumerate(zip(outputs(model, inp), masked)):
+        torch.testing.assert_close(a, m, atol=1e-5, rtol=0, msg=lambda msg: f"output {k}: {msg}")
+
+
+# --- plans: slices and weight masks, manifest round trip -------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_plan_with_slices_and_masks_round_trips(family, tmp_path):
+    model = make(family)
+    kh, kn = cases_for(family)[1]
+    plan = Plan(kh, kn)
+    plan.apply(model)
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(0)
+    i = next(k for k in range(adapter.num_layers) if not adapter.empty(k, "ffn") and adapter.ffn_out(k).in_features % 4 == 0)
+    names = adapter.module_names()
+    up, down = adapter.ffn_in(i)[0], adapter.ffn_out(i)
+    unstructured = torch.rand(up.weight.shape, generator=g) > 0.5
+    two_four = torch.ones(down.weight.shape, dtype=torch.bool).view(down.weight.shape[0], -1, 4)
+    two_four[:, :, :2] = False
+    plan.masks = {names[up]: unstructured, names[down]: two_four.view(down.weight.shape)}
+    plan.patterns = {names[up]: "unstructured", names[down]: "2:4"}
+    Plan(masks=plan.masks).apply(model)  # masks apply after slicing, to the sliced weights
+    assert int(up.weight.count_nonzero()) == int((up.weight != 0).sum()) <= int(unstructured.sum())
+    save_pruned(model, tmp_path / "p", plan, info={"x": 1})
+    loaded = load_pruned(tmp_path / "p")
+    from pruneflow.plan import read_plan
+
+    back, manifest = read_plan(tmp_path / "p")
+    assert back.keep_heads == [sorted(h) for h in kh] and back.keep_neurons == [sorted(n) for n in kn]
+    assert back.patterns == plan.patterns and manifest["masks"][names[down]]["pattern"] == "2:4"
+    for name, mask in plan.masks.items():
+        assert torch.equal(back.masks[name], mask)
+    inp = inputs_for(family)
+    for a, b in zip(outputs(model, inp), outputs(loaded, inp)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_old_manifest_format_loads_and_unknown_format_is_refused(tmp_path):
+    import json
+
+    model = make("bert")
+    kh, kn = cases_for("bert")[0]
+    Plan(kh, kn).apply(model)
+    save_pruned(model, tmp_path / "p", Plan(kh, kn))
+    manifest = json.loads((tmp_path / "p/manifest.json").read_text())
+    for key in ("masks",):
+        manifest.pop(key)
+    (tmp_path / "p/manifest.json").write_text(json.dumps(manifest | {"format": "pruneflow/1"}))
+    load_pruned(tmp_path / "p")
+    (tmp_path / "p/manifest.json").write_text(json.dumps(manifest | {"format": "pruneflow/99"}))
+    with pytest.raises(ValueError, match="pruneflow/99"):
+        load_pruned(tmp_path / "p")
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "unstructured"])
+def test_mask_patterns_parse(pattern):
+    from pruneflow.plan import check_pattern
+
+    assert check_pattern(pattern) in ((2, 4), (4, 8), None)
+
+
+@pytest.mark.parametrize("pattern", ["4:2", "0:4", "two:four", "2-4"])
+def test_bad_mask_patterns_are_refused(pattern):
+    from pruneflow.plan import check_pattern
+
+    with pytest.raises(ValueError, match="N:M"):
+        check_pattern(pattern)

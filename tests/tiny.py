@@ -32,7 +32,34 @@ def tiny_llama(seed: int = 0, layers: int = 2):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-FACTORIES = {"bert": tiny_bert, "distilbert": tiny_distilbert, "llama": tiny_llama}
+def _tiny_decoder(config_cls: str, model_cls: str, seed: int, layers: int, **extra):
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(
+        vocab_size=120, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=True, **extra)
+    return getattr(transformers, model_cls)(cfg).eval()
+
+
+def tiny_mistral(seed: int = 0, layers: int = 2):
+    return _tiny_decoder("MistralConfig", "MistralForCausalLM", seed, layers, head_dim=8)
+
+
+def tiny_qwen2(seed: int = 0, layers: int = 2):  # biases on q/k/v
+    return _tiny_decoder("Qwen2Config", "Qwen2ForCausalLM", seed, layers)
+
+
+def tiny_qwen3(seed: int = 0, layers: int = 2):  # q/k norms; head_dim decoupled from hidden / heads
+    return _tiny_decoder("Qwen3Config", "Qwen3ForCausalLM", seed, layers, head_dim=12)
+
+
+def tiny_gemma3(seed: int = 0, layers: int = 2):  # post-sublayer norms, q/k norms, sliding-window layers
+    return _tiny_decoder("Gemma3TextConfig", "Gemma3ForCausalLM", seed, layers, head_dim=16, sliding_window=4,
+                         query_pre_attn_scalar=16)
+
+
+FACTORIES = {"bert": tiny_bert, "distilbert": tiny_distilbert, "llama": tiny_llama, "mistral": tiny_mistral,
+             "qwen2": tiny_qwen2, "qwen3": tiny_qwen3, "gemma3": tiny_gemma3}
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
 def tiny_inputs(batch: int = 3, seq: int = 10, seed: int = 1, vocab: int = 120):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pruneflow import correction
-from pruneflow.correction import METHODS, MomentAccumulator, Moments, error, fit, moments_from_dense
+from pruneflow.correction import METHODS, error, fit, moments_from_dense
+from pruneflow.moments import Accumulator as MomentAccumulator, Moments
 
 
 def gen(seed: int) -> torch.Generator:

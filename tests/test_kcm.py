@@ -9,7 +9,7 @@ from pruneflow.kcm import (
     average_ranks, d2_energy, d2_scores, gaussian_kernel, kcm_scores, merge_ranks, neuron_features,
     r2_convex_hull, r2_scores,
 )
-from pruneflow.params import KCMParams
+from pruneflow.methods.kcm import KCM as KCMParams
 
 
 def random_points(n=60, dim=5, seed=0):
@@ -205,7 +205,7 @@ def test_merge_rejects_nonfinite_and_mismatched():
 def test_kcm_scores_for_every_option(representation, d2, merge):
     w_in, w_out, votes, second_moment = layer()
     p = KCMParams(representation=representation, d2=d2, merge=merge)
-    scores, info = kcm_scores(w_in, w_out, votes, second_moment, p)
+    scores, info = kcm_scores(w_in, w_out, votes, second_moment, **p.model_dump())
     assert scores.shape == (48,) and torch.isfinite(scores).all()
     assert info["sigma"] > 0 and 1 <= info["iterations"] <= p.max_iter
     assert np.isfinite(info["objective"]) and info["objective"] >= -1e-9
@@ -214,6 +214,6 @@ def test_kcm_scores_for_every_option(representation, d2, merge):
 def test_kcm_scores_fixed_sigma_and_only_the_needed_d2_input():
     w_in, w_out, votes, _ = layer()
     p = KCMParams(sigma=1.0, alpha=1e-3, max_iter=10)
-    scores, info = kcm_scores(w_in, w_out, votes, None, p)
+    scores, info = kcm_scores(w_in, w_out, votes, None, **p.model_dump())
     assert info["sigma"] == 1.0 and info["iterations"] <= 10
     assert torch.isfinite(scores).all()

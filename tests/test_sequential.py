@@ -22,7 +22,7 @@ def test_nothing_pruned_reproduces_dense(tmp_path, factory):
     pruned = copy.deepcopy(dense)
     tok = tiny_tokenizer(tmp_path)
     trace = sequential.DenseTrace(dense, tok, TEXTS, 8, 32, "cpu")
-    sequential.correct_sequential(pruned, CorrectParams(method="lstsq", sequential=True, ridge=0.0), trace, "cpu")
+    sequential.correct_sequential(pruned, "lstsq", 0.0, trace, "cpu")
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(pruned(**enc).logits, dense(**enc).logits, rtol=1e-4, atol=1e-4)
@@ -37,7 +37,7 @@ def test_propagated_outputs_equal_a_forward_pass(tmp_path, factory, monkeypatch)
     propagated = {}
     monkeypatch.setattr(sequential, "_after_layer", lambda i, h: propagated.__setitem__(i, h[0].clone()))
     trace = sequential.DenseTrace(dense, tok, TEXTS, len(TEXTS), 32, "cpu")  # one batch, sorted by token length
-    sequential.correct_sequential(pruned, CorrectParams(method="lstsq", sequential=True), trace, "cpu")
+    sequential.correct_sequential(pruned, "lstsq", CorrectParams().ridge, trace, "cpu")
     lengths = [len(ids) for ids in tok(TEXTS, truncation=True, max_length=32)["input_ids"]]
     order = sorted(range(len(TEXTS)), key=lambda i: lengths[i])  # the batching order (by token length)
     enc = tok([TEXTS[i] for i in order], padding=True, truncation=True, max_length=32, return_tensors="pt")

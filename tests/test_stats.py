@@ -16,17 +16,25 @@ import pytest
 import torch
 
 from pruneflow.adapters import get_adapter
-from pruneflow.stats import SUBLAYERS, Statistics, SublayerStats, collect_statistics
-from tiny import FACTORIES, tiny_inputs
+from pruneflow.adapters import SUBLAYERS
+from pruneflow.stats import ModuleStats, Statistics, collect_statistics
+from tiny import DECODERS, FACTORIES, tiny_inputs
 
 VOTE_TOPK = 0.1
+
+
+def by_layer(stats: Statistics, adapter) -> list[dict[str, ModuleStats]]:
+    """Per layer and sublayer, the statistics of the output projection's input (an empty one where none)."""
+    names = adapter.module_names()
+    return [{s: (ModuleStats() if adapter.empty(i, s) else stats.modules.get(names[adapter.out_proj(i, s)], ModuleStats()))
+             for s in SUBLAYERS} for i in range(adapter.num_layers)]
 
 
 def batches_for(family: str, seeds=(1, 2), batch=3, seq=10) -> list[dict]:
     out = []
     for s in seeds:
         inp = tiny_inputs(batch=batch, seq=seq, seed=s)
-        if family == "llama":
+        if family in DECODERS:
             inp["attention_mask"] = torch.ones_like(inp["attention_mask"])
         out.append(inp)
     return out
@@ -52,12 +60,11 @@ def direct_statistics(model, adapter, batches) -> dict:
 
     for i in range(adapter.num_layers):
         for s in SUBLAYERS:
-            empty = adapter.attn_empty(i) if s == "attn" else adapter.ffn_empty(i)
-            if empty:
+            if adapter.empty(i, s):
                 continue
-            out = adapter.attn_out(i) if s == "attn" else adapter.ffn_out(i)
+            out = adapter.out_proj(i, s)
             handles.append(out.register_forward_pre_hook(grab((i, s), "rows")))
-            norm = adapter.attn_norm(i) if s == "attn" else adapter.ffn_norm(i)
+            norm = adapter.norm(i, s)
             if norm is not None:
                 handles.append(norm.register_forward_pre_hook(grab((i, s), "norm")))
     try:
@@ -87,23 +94,22 @@ def assert_rel_close(x: torch.Tensor, y: torch.Tensor, rel: float = 1e-5):
 
 
 def assert_same_stats(a: Statistics, b: Statistics, rel=1e-5, votes_exact=True):
-    assert len(a.layers) == len(b.layers)
-    for la, lb in zip(a.layers, b.layers):
-        for s in SUBLAYERS:
-            sa, sb = la[s], lb[s]
-            assert sa.n == sb.n
-            assert (sa.gram is None) == (sb.gram is None)
-            if sa.gram is None:
-                continue
-            assert_rel_close(sa.sum, sb.sum, rel)
-            assert_rel_close(sa.gram, sb.gram, rel)
-            assert sa.norm_tokens == sb.norm_tokens
-            assert sa.norm_energy == pytest.approx(sb.norm_energy, rel=rel)
-            if sa.votes is not None or sb.votes is not None:
-                if votes_exact:
-                    assert torch.equal(sa.votes, sb.votes)
-                else:
-                    assert float(sa.votes.sum()) == float(sb.votes.sum())
+    assert sorted(a.modules) == sorted(b.modules)
+    for name in a.modules:
+        sa, sb = a.modules[name], b.modules[name]
+        assert sa.n == sb.n
+        assert sa.empty == sb.empty
+        if sa.empty:
+            continue
+        assert_rel_close(sa.sx, sb.sx, rel)
+        assert_rel_close(sa.sxx, sb.sxx, rel)
+        assert sa.norm_tokens == sb.norm_tokens
+        assert sa.norm_energy == pytest.approx(sb.norm_energy, rel=rel)
+        if sa.votes is not None or sb.votes is not None:
+            if votes_exact:
+                assert torch.equal(sa.votes, sb.votes)
+            else:
+                assert float(sa.votes.sum()) == float(sb.votes.sum())
 
 
 # --- equality with direct hooks ----------------------------------------------------------------------------
@@ -117,15 +123,15 @@ def test_collected_statistics_equal_direct_statistics_on_real_tokens(family):
     direct = direct_statistics(model, adapter, batches)
     real = int(sum(b["attention_mask"].sum() for b in batches))
     total = sum(b["attention_mask"].numel() for b in batches)
-    if family != "llama":
+    if family not in DECODERS:
         assert real < total  # the batches really are padded
     assert stats.tokens == real and stats.sequences == 6
     assert stats.mean_length == pytest.approx(real / 6)
     for i in range(adapter.num_layers):
         for s in SUBLAYERS:
-            st, d = stats.layers[i][s], direct[(i, s)]
+            st, d = by_layer(stats, adapter)[i][s], direct[(i, s)]
             assert st.n == d["n"] == real
-            assert st.sum.dtype == st.gram.dtype == torch.float64
+            assert st.sx.dtype == st.sxx.dtype == torch.float64
             assert_rel_close(st.mean * real, d["sum"])  # sums are kept around a shift; the moments are what count
             assert_rel_close(st.second_moment * real, d["gram"])
             torch.testing.assert_close(st.cov, d["gram"] / real - torch.outer(d["sum"], d["sum"]) / real**2,
@@ -137,7 +143,7 @@ def test_collected_statistics_equal_direct_statistics_on_real_tokens(family):
             else:
                 assert st.norm_scale is None
             if s == "ffn":  # each real token votes for ceil(topk·N) distinct neurons
-                k = math.ceil(VOTE_TOPK * st.sum.shape[0])
+                k = math.ceil(VOTE_TOPK * st.sx.shape[0])
                 assert float(st.votes.sum()) == real * k
                 assert float(st.votes.max()) <= real
             else:
@@ -152,7 +158,7 @@ def test_padding_tokens_do_not_change_statistics():
     padded = collect_statistics(model, adapter, [pad_more(b, 5) for b in batches])
     assert padded.tokens == base.tokens and padded.mean_length == base.mean_length
     assert_same_stats(padded, base, votes_exact=False)  # top-k votes: near-ties may flip with the shapes
-    vote_diff = sum(float((p[s].votes - b[s].votes).abs().sum()) for p, b in zip(padded.layers, base.layers)
+    vote_diff = sum(float((p[s].votes - b[s].votes).abs().sum()) for p, b in zip(by_layer(padded, adapter), by_layer(base, adapter))
                     for s in SUBLAYERS if b[s].votes is not None)
     assert vote_diff <= 2  # at most one flipped vote
 
@@ -169,19 +175,19 @@ def test_state_size_is_independent_of_the_number_of_batches():
     one = collect_statistics(model, adapter, batches_for("bert", seeds=(1,)))
     many = collect_statistics(model, adapter, batches_for("bert", seeds=(1, 2, 3, 4, 5, 6), batch=4, seq=12))
     assert state_shapes(one) == state_shapes(many)
-    assert many.layers[0]["attn"].n > 3 * one.layers[0]["attn"].n
+    assert by_layer(many, adapter)[0]["attn"].n > 3 * by_layer(one, adapter)[0]["attn"].n
     for stats in (one, many):
-        for layer in stats.layers:
+        for layer in by_layer(stats, adapter):
             for st in layer.values():  # nothing per-token is kept: only fixed-size tensors and scalars
                 tensors = [v for v in vars(st).values() if isinstance(v, torch.Tensor)]
                 assert all(t.dim() <= 2 and max(t.shape) <= 48 for t in tensors)
                 assert not any(isinstance(v, (list, tuple)) for v in vars(st).values())
-    assert not any(isinstance(v, (list, tuple)) for k, v in vars(many).items() if k != "layers")
+    assert not any(isinstance(v, (list, tuple)) for k, v in vars(many).items())
     # the hooks are gone afterwards: a further forward leaves the stats unchanged
-    n = many.layers[0]["attn"].n
+    n = by_layer(many, adapter)[0]["attn"].n
     with torch.no_grad():
         model(**batches_for("bert", seeds=(9,))[0])
-    assert many.layers[0]["attn"].n == n
+    assert by_layer(many, adapter)[0]["attn"].n == n
 
 
 # --- persistence ---------------------------------------------------------------------------------------------------
@@ -192,12 +198,12 @@ def test_to_tensors_from_tensors_round_trip():
     stats = collect_statistics(model, adapter, batches_for("bert"))
     tensors = stats.to_tensors()
     info = {"tokens": stats.tokens, "sequences": stats.sequences, "mean_length": stats.mean_length}
-    back = Statistics.from_tensors(tensors, adapter.num_layers, info)
+    back = Statistics.from_tensors(tensors, info)
     assert_same_stats(back, stats, rel=0.0)
     assert (back.tokens, back.sequences, back.mean_length) == (stats.tokens, stats.sequences, stats.mean_length)
-    for layer_a, layer_b in zip(back.layers, stats.layers):
+    for layer_a, layer_b in zip(by_layer(back, adapter), by_layer(stats, adapter)):
         for s in SUBLAYERS:
-            assert torch.equal(layer_a[s].gram, layer_b[s].gram) and torch.equal(layer_a[s].sum, layer_b[s].sum)
+            assert torch.equal(layer_a[s].sxx, layer_b[s].sxx) and torch.equal(layer_a[s].sx, layer_b[s].sx)
             assert layer_a[s].norm_energy == layer_b[s].norm_energy
 
 
@@ -206,13 +212,15 @@ def test_round_trip_with_empty_sublayers():
     adapter = get_adapter(model)
     adapter.slice_([[], [0, 1]], [[0, 5, 9], []])
     stats = collect_statistics(model, adapter, batches_for("bert"))
-    assert stats.layers[0]["attn"].gram is None and stats.layers[1]["ffn"].gram is None
-    assert stats.layers[0]["ffn"].gram.shape == (3, 3)
-    assert stats.layers[1]["attn"].gram.shape == (2 * adapter.head_dim,) * 2
+    layers = by_layer(stats, adapter)
+    assert layers[0]["attn"].empty and layers[1]["ffn"].empty
+    assert layers[0]["ffn"].sxx.shape == (3, 3)
+    assert layers[1]["attn"].sxx.shape == (2 * adapter.head_dim,) * 2
+    assert len(stats.modules) == 2  # keyed by module: the emptied sublayers have no entry
     info = {"tokens": stats.tokens, "sequences": stats.sequences, "mean_length": stats.mean_length}
-    back = Statistics.from_tensors(stats.to_tensors(), adapter.num_layers, info)
+    back = Statistics.from_tensors(stats.to_tensors(), info)
     assert_same_stats(back, stats, rel=0.0)
-    assert isinstance(back.layers[0]["attn"], SublayerStats) and back.layers[0]["attn"].n == 0
+    assert by_layer(back, adapter)[0]["attn"].n == 0
 
 
 def test_empty_batch_list_raises():

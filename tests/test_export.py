@@ -15,7 +15,8 @@ import torch
 
 import stages.export
 from pruneflow import onnx_io
-from pruneflow.adapters import get_adapter, save_pruned
+from pruneflow.adapters import get_adapter
+from pruneflow.plan import Plan, save_pruned
 from pruneflow.artifacts import write_jsonl
 from pruneflow.params import Params
 from pruneflow.runtime import Layout
@@ -104,7 +105,7 @@ def make_project(root: Path, n_eval: int = 24) -> Layout:
     heads, neurons = SLICES["zero_heads"]
     pruned = tiny_bert(layers=3)
     get_adapter(pruned).slice_(heads, neurons)
-    save_pruned(pruned, layout.pruned, heads, neurons, {"test": True}, tokenizer)
+    save_pruned(pruned, layout.pruned, Plan(heads, neurons), {"test": True}, tokenizer)
     rng = random.Random(0)
     rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) + ".", "label": i % 2}
             for i in range(n_eval)]

@@ -75,8 +75,14 @@ def test_unknown_nested_key_names_dotted_path_and_known_keys():
     assert "select.budgett" in msg and "unknown key" in msg
     for key in SelectParams.model_fields:
         assert key in msg
-    deep = error_of({"rank": {"kcm": {"sigmaa": 1.0}}})
-    assert "rank.kcm.sigmaa" in deep and "representation" in deep
+    from pruneflow.validate import check_all
+
+    with pytest.raises(ParamsError) as info:  # a method's options are its registered class's to check
+        check_all(validate_params({"rank": {"kcm": {"sigmaa": 1.0}}}))
+    assert "rank.kcm.sigmaa" in str(info.value) and "representation" in str(info.value)
+    with pytest.raises(ParamsError, match="rank.method='kcmm' is not a registered method"):
+        check_all(validate_params({"rank": {"method": "kcmm"}}))
+    assert "rank.foo" in error_of({"rank": {"foo": 1}})
 
 
 # --- values -----------------------------------------------------------------------------------------------------
@@ -115,7 +121,7 @@ def test_apply_overrides_sets_dotted_keys_on_a_copy():
     assert out == {"select": {"budget": 0.4}, "rank": {"kcm": {"sigma": 2.0}}, "correct": {"method": "bias"}}
     assert raw == {"select": {"budget": 0.5}, "rank": {"kcm": {"sigma": "median"}}}  # input untouched
     p = validate_params(out)
-    assert p.select.budget == 0.4 and p.rank.kcm.sigma == 2.0 and p.correct.method == "bias"
+    assert p.select.budget == 0.4 and p.rank.section("kcm")["sigma"] == 2.0 and p.correct.method == "bias"
     assert apply_overrides(None, {"select.budget": 0.3}) == {"select": {"budget": 0.3}}
     with pytest.raises(ParamsError, match="not a section"):
         apply_overrides(raw, {"select.budget.x": 1})

@@ -23,8 +23,12 @@ def check_rank_params(p: RankParams) -> None:
         try:
             METHODS[key].model_validate(p.section(key))
         except ValidationError as err:
-            raise ParamsError("; ".join(f"rank.{key}." + ".".join(str(x) for x in e["loc"]) + f": {e['msg']}"
-                                        for e in err.errors())) from None
+            fields = ", ".join(sorted(METHODS[key].model_fields))
+            raise ParamsError("; ".join(
+                f"rank.{key}." + ".".join(str(x) for x in e["loc"]) + ": "
+                + ("unknown key" + (f" (known here: {fields})" if fields else f" ({key} has no options)")
+                   if e["type"] == "extra_forbidden" else e["msg"])
+                for e in err.errors())) from None
 
 
 def method_options(p: RankParams, name: str) -> Method:

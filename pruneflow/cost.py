@@ -48,11 +48,17 @@ class Cost(ABC):
         return sum(self.layer_cost(adapter, s) for s in adapter.shape()) + self.fixed(adapter)
 
     def unit_costs(self, adapter: Adapter) -> Costs:
-        """The price of one more head (MHA: with its own k, v) and of one more neuron, and the fixed part."""
+        """The price of one more head (MHA: with its own k, v) and of one more neuron, and the fixed part.
+        With grouped-query attention a query head shares its KV head with its group, so the k/v projections
+        of every KV group are counted as fixed (exact while each group keeps a head; an over-estimate, so
+        still within budget, when a whole group goes)."""
         zero = LayerShape(0, 0, 0)
         base = self.layer_cost(adapter, zero)
         head = self.layer_cost(adapter, LayerShape(1, 0, 1 if adapter.group == 1 else 0)) - base
-        return Costs(head=head, neuron=self.layer_cost(adapter, LayerShape(0, 1, 0)) - base, fixed=self.fixed(adapter))
+        fixed = self.fixed(adapter)
+        if adapter.group > 1:
+            fixed += adapter.num_layers * (self.layer_cost(adapter, LayerShape(0, 0, adapter.dense_kv_heads)) - base)
+        return Costs(head=head, neuron=self.layer_cost(adapter, LayerShape(0, 1, 0)) - base, fixed=fixed)
 
     def describe(self) -> str:
         return self.name

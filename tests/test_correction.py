@@ -15,7 +15,7 @@ import torch
 
 from pruneflow import correction
 from pruneflow.correction import METHODS, error, fit, moments_from_dense
-from pruneflow.moments import Accumulator as MomentAccumulator, Moments
+from pruneflow.moments import Accumulator, Moments
 
 
 def gen(seed: int) -> torch.Generator:
@@ -159,9 +159,9 @@ def dyadic(T: int, n: int, seed: int) -> torch.Tensor:
 
 
 def chunked_and_one_shot(x, t, bounds):
-    one = MomentAccumulator()
+    one = Accumulator()
     one.add(x, t)
-    chunked = MomentAccumulator()
+    chunked = Accumulator()
     for lo, hi in bounds:
         chunked.add(x[lo:hi], t[lo:hi])
     return chunked.moments(), one.moments()
@@ -179,7 +179,7 @@ def test_moment_accumulator_in_chunks_equals_one_shot_float64():
     assert_moments_close(one, direct_moments(x, t), rtol=1e-5, atol=1e-4)
     for f in ("mean_x", "mean_t", "cov_xx", "cov_tx"):
         assert getattr(one, f).dtype == torch.float64
-    f32 = MomentAccumulator()
+    f32 = Accumulator()
     f32.add(x.float(), t.float())  # float32 input: the same float64 moments
     assert_moments_close(f32.moments(), one, rtol=1e-13, atol=1e-13)
 
@@ -198,7 +198,7 @@ def test_moment_accumulator_on_random_data_agrees_to_float32_precision():
 def test_moment_accumulator_covariance_survives_an_offset():
     g = gen(9)
     x = 30 + 0.3 * torch.randn(2048, 4, generator=g, dtype=torch.float64)  # mean/std = 100
-    acc = MomentAccumulator()
+    acc = Accumulator()
     for lo in range(0, 2048, 256):
         acc.add(x[lo:lo + 256], x[lo:lo + 256, :2])
     C = direct_moments(x, x[:, :2]).cov_xx
@@ -217,7 +217,7 @@ def test_moments_from_dense_equal_direct_moments(with_bias):
     m = moments_from_dense(cov, mean, W, b, keep, a.shape[0])
     t = a @ W.T + (0 if b is None else b)
     assert_moments_close(m, direct_moments(a[:, keep], t), rtol=1e-9, atol=1e-11)
-    acc = MomentAccumulator()
+    acc = Accumulator()
     acc.add(a[:, keep], t)
     assert_moments_close(m, acc.moments(), rtol=1e-5, atol=1e-5)  # float32 per-batch products
 
@@ -229,7 +229,7 @@ def test_moments_from_dense_equal_accumulated_moments_exactly():
     keep = torch.tensor([1, 2, 5])
     cov, mean = data_moments(a)
     m = moments_from_dense(cov, mean, W, b, keep, 256)
-    acc = MomentAccumulator()
+    acc = Accumulator()
     for lo in range(0, 256, 64):
         acc.add(a[lo:lo + 64, keep], a[lo:lo + 64] @ W.T + b)
     assert_moments_close(m, acc.moments(), rtol=1e-6, atol=1e-6)
@@ -256,7 +256,7 @@ def test_lstsq_with_streamed_sequential_moments_equals_numpy():
     """The sequential variant: x from a drifted (pruned) model, t from the dense one."""
     x = dyadic(160, 4, seed=40) + 1
     t = x @ dyadic(4, 3, seed=41) + dyadic(160, 3, seed=42) / 8
-    acc = MomentAccumulator()
+    acc = Accumulator()
     for lo in range(0, 160, 50):
         acc.add(x[lo:lo + 50], t[lo:lo + 50])
     W_new, b_new = fit("lstsq", acc.moments(), torch.zeros(3, 4, dtype=torch.float64), None, ridge=0.0)

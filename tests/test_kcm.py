@@ -9,7 +9,7 @@ from pruneflow.kcm import (
     average_ranks, d2_energy, d2_scores, gaussian_kernel, kcm_scores, merge_ranks, neuron_features,
     r2_convex_hull, r2_scores,
 )
-from pruneflow.methods.kcm import KCM as KCMParams
+from pruneflow.methods.kcm import KCM
 
 
 def random_points(n=60, dim=5, seed=0):
@@ -204,7 +204,7 @@ def test_merge_rejects_nonfinite_and_mismatched():
 @pytest.mark.parametrize("merge", ["rank_sum", "product"])
 def test_kcm_scores_for_every_option(representation, d2, merge):
     w_in, w_out, votes, second_moment = layer()
-    p = KCMParams(representation=representation, d2=d2, merge=merge)
+    p = KCM(representation=representation, d2=d2, merge=merge)
     scores, info = kcm_scores(w_in, w_out, votes, second_moment, **p.model_dump())
     assert scores.shape == (48,) and torch.isfinite(scores).all()
     assert info["sigma"] > 0 and 1 <= info["iterations"] <= p.max_iter
@@ -213,7 +213,7 @@ def test_kcm_scores_for_every_option(representation, d2, merge):
 
 def test_kcm_scores_fixed_sigma_and_only_the_needed_d2_input():
     w_in, w_out, votes, _ = layer()
-    p = KCMParams(sigma=1.0, alpha=1e-3, max_iter=10)
+    p = KCM(sigma=1.0, alpha=1e-3, max_iter=10)
     scores, info = kcm_scores(w_in, w_out, votes, None, **p.model_dump())
     assert info["sigma"] == 1.0 and info["iterations"] <= 10
     assert torch.isfinite(scores).all()

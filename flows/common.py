@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pruneflow.artifacts import write_text
 from pruneflow.params import Params, apply_overrides, read_raw, validate_params
+from pruneflow.validate import check_all
 from pruneflow.params import parse_overrides as parse_set  # noqa: F401  (the flows' CLI --set)
 
 # The exit code of a stage's expected, user-fixable failure (pruneflow.runtime.stage_main): bad params,
@@ -234,8 +235,8 @@ def resolve_params(project_dir: str | Path, params_file: str = "params.yaml",
     untouched (DVC compares values, but a rewrite would still bump the file's mtime)."""
     path = Path(project_dir) / params_file
     raw = read_raw(path)
-    params = validate_params(apply_overrides(raw, overrides or {}), f"{path} with overrides {overrides}"
-                             if overrides else str(path))
+    params = check_all(validate_params(apply_overrides(raw, overrides or {}), f"{path} with overrides {overrides}"
+                                       if overrides else str(path)))  # registries too: before any stage runs
     if overrides:
         _write_overrides(path, params, overrides)
     return params

@@ -1,16 +1,14 @@
-"""Task data: reading the packaged Rotten Tomatoes sentences or a user's jsonl/csv, and batching text.
+"""Task data: reading the packaged Rotten Tomatoes sentences, or a user's data through `datasets`.
 
 Prepared splits are jsonl files with {"text": ..., "label": ...} rows (label absent for unlabeled data)."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import io
 import json
 import tarfile
 from pathlib import Path
-from typing import Iterator
 
 RT_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 
@@ -49,26 +47,114 @@ def read_rt_snippets(sdist: str | Path, min_abs_rating: float) -> tuple[list[dic
     return rows, info
 
 
-def read_user_file(path: str | Path, text_column: str, label_column: str | None) -> tuple[list[dict], dict]:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"prepare.path={path}: file not found")
-    if path.suffix == ".jsonl":
-        records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    elif path.suffix == ".csv":
-        records = list(csv.DictReader(path.open(newline="")))
-    else:
-        raise DataError(f"prepare.path={path}: expected a .jsonl or .csv file")
-    if records and text_column not in records[0]:
-        raise DataError(f"{path}: no column {text_column!r} (columns: {sorted(records[0])}); set prepare.text_column")
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
+RT_LABELS = {0: "negative", 1: "positive"}
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """`datasets` reports a malformed JSON Lines file without its line: find the first bad line ourselves."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number}: {err.msg} (column {err.colno})"
+    return None
+
+
+def load_table(path_or_name: str | Path, root: Path = Path(".")):
+    """A `datasets.Dataset` from a .jsonl/.json/.csv/.tsv/.parquet/.txt file, a directory saved with
+    `save_to_disk`, or a hub dataset name ("name" or "name:split") when it is neither (needs a network)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = root / str(path_or_name)
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError as err:
+            raise DataError(f"prepare.path={path_or_name}: a directory, but not one saved with "
+                            f"Dataset.save_to_disk ({err})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            split = "train" if "train" in loaded else next(iter(loaded))
+            loaded = loaded[split]
+        return loaded
+    if path.suffix.lower() in FORMATS or path.exists():
+        if not path.exists():
+            raise DataError(f"prepare.path={path_or_name}: file not found")
+        builder = FORMATS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"prepare.path={path_or_name}: unsupported file type {path.suffix!r}; use one of "
+                            f"{', '.join(FORMATS)} or a directory saved with Dataset.save_to_disk")
+        if builder != "parquet" and not path.read_text(encoding="utf-8", errors="replace").strip():
+            raise DataError(f"prepare.path={path_or_name}: the file is empty: no usable text rows (empty "
+                            "calibration data)")
+        kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        except Exception as err:  # noqa: BLE001 - datasets wraps parser errors in several types
+            where = _first_bad_json_line(path) if builder == "json" else None
+            raise DataError(f"{path}: cannot be read as {builder}" + (f": {where}" if where else f" ({err})")
+                            + "; fix the file (one JSON object per line for .jsonl)") from None
+    name, _, split = str(path_or_name).partition(":")
+    try:
+        return datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"prepare.path={path_or_name}: not a file or directory here, so it was taken as a hub "
+                        f"dataset name, and loading it failed ({type(err).__name__}: {str(err)[:200]}); "
+                        "give a local file, or run with a network") from None
+
+
+def _label_ids(values: list, column: str, source: str) -> tuple[list[int | None], dict[int, str]]:
+    """Labels as ids and the names of the ids: strings map to ids in sorted order of the distinct names,
+    booleans to 0/1, integers stay as they are (their names are their digits)."""
+    present = [v for v in values if v is not None and v != ""]
+    if not present:
+        return [None] * len(values), {}
+    if all(isinstance(v, str) for v in present):
+        names = sorted(set(present))
+        ids = {n: i for i, n in enumerate(names)}
+        return [ids.get(v) if v not in (None, "") else None for v in values], dict(enumerate(names))
+    if all(isinstance(v, bool) for v in present):
+        return [None if v is None else int(v) for v in values], {0: "false", 1: "true"}
+    for row, v in enumerate(values):
+        if v is None or v == "":
+            continue
+        if isinstance(v, float) and not v.is_integer():
+            raise DataError(f"{source}: row {row + 1}, column {column!r}: label {v!r} is not a class id "
+                            "(ratings must be binarised first, or give class names as strings)")
+        if not isinstance(v, (int, float)) or v < 0:
+            raise DataError(f"{source}: row {row + 1}, column {column!r}: label {v!r} is not a class id or name")
+    ints = [None if v is None or v == "" else int(v) for v in values]
+    return ints, {i: str(i) for i in range(max(i for i in ints if i is not None) + 1)}
+
+
+def read_user_file(path: str | Path, text_column: str, label_column: str | None, root: Path = Path(".")
+                   ) -> tuple[list[dict], dict]:
+    """Rows {"text", "label"?} of a user's data (any format `load_table` reads); info holds the source and
+    `id2label` when labeled."""
+    table = load_table(path, root)
+    source = str(path)
+    columns = list(table.column_names)
+    if text_column not in columns:
+        raise DataError(f"{source}: no column {text_column!r} (columns: {columns}); set prepare.text_column")
+    if label_column and label_column not in columns:
+        raise DataError(f"{source}: no label column {label_column!r} (columns: {columns}); set "
+                        "prepare.label_column, or null for unlabeled text")
+    texts = ["" if t is None else str(t).strip() for t in table[text_column]]
+    labels, id2label = (_label_ids(list(table[label_column]), label_column, source) if label_column
+                        else ([None] * len(texts), {}))
     rows = []
-    for r in records:
-        row = {"text": str(r[text_column]).strip()}
-        if label_column and r.get(label_column) not in (None, ""):
-            row["label"] = int(r[label_column])
-        if row["text"]:
-            rows.append(row)
-    return rows, {"source": str(path)}
+    for text, label in zip(texts, labels):
+        if text:
+            rows.append({"text": text} | ({"label": label} if label is not None else {}))
+    info = {"source": source, "format": type(table).__name__, "rows_read": len(texts),
+            "rows_without_text": len(texts) - len(rows), "unlabeled_rows": sum(1 for r in rows if "label" not in r)}
+    if id2label:
+        info["id2label"] = {str(k): v for k, v in id2label.items()}
+    return rows, info
 
 
 def resolve_model_path(spec: str, root: str | Path = ".") -> Path:
@@ -85,14 +171,3 @@ def resolve_model_path(spec: str, root: str | Path = ".") -> Path:
     if not (path / "config.json").exists():
         raise DataError(f"model path {path} has no config.json (expected a Hugging Face model directory)")
     return path
-
-
-def batches(texts: list[str], batch_size: int) -> Iterator[list[str]]:
-    for i in range(0, len(texts), batch_size):
-        yield texts[i : i + batch_size]
-
-
-def length_sorted(texts: list[str]) -> tuple[list[str], list[int]]:
-    """Sort by length so batches pad little; returns the sorted texts and the permutation."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    return [texts[i] for i in order], order

@@ -1,6 +1,7 @@
 """prepare: materialise the task data.
 
-reads   prepare.path (the vadersentiment sdist's Rotten Tomatoes sentences, or a user's .jsonl/.csv)
+reads   prepare.path (the vadersentiment sdist's Rotten Tomatoes sentences, or a user's data: a
+        .jsonl/.json/.csv/.tsv/.parquet/.txt file, a saved `datasets` directory, or a hub dataset name)
 writes  data/prepared/{train,eval,calib}.jsonl, data/prepared/provenance.json
 params  prepare
 eval is held out (never used for calibration, selection or fine-tuning); calib is a sample of train texts
@@ -14,7 +15,7 @@ import random
 import sys
 
 from pruneflow.artifacts import write_json, write_jsonl
-from pruneflow.data import DataError, read_rt_snippets, read_user_file
+from pruneflow.data import RT_LABELS, DataError, read_rt_snippets, read_user_file
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, stage_main
 
@@ -26,9 +27,10 @@ def run(params: Params, layout: Layout) -> dict:
     p = params.prepare
     if p.source == "rt_snippets":
         rows, info = read_rt_snippets(layout / p.path, p.min_abs_rating)
-        info |= {"package": "vadersentiment==3.3.2 (source distribution)"}
+        info |= {"package": "vadersentiment==3.3.2 (source distribution)",
+                 "id2label": {str(k): v for k, v in RT_LABELS.items()}}
     else:
-        rows, info = read_user_file(layout / p.path, p.text_column, p.label_column)
+        rows, info = read_user_file(p.path, p.text_column, p.label_column, layout.root)
     if not rows:
         raise DataError(f"prepare.path={p.path}: no usable text rows (empty calibration data)")
     rng = random.Random(p.seed)

@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+# No model hub is reachable here: hub look-ups (datasets, transformers) must fail at once, not time out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 from tiny import WORDS, tiny_bert, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,18 +15,19 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+import contextlib
+import json
 import re
 import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pruneflow.artifacts import write_text
 from pruneflow.params import Params, apply_overrides, read_raw, validate_params
 from pruneflow.validate import check_all
 from pruneflow.params import parse_overrides as parse_set  # noqa: F401  (the flows' CLI --set)
@@ -209,68 +210,113 @@ dvc_push = dvc_transfer.with_options(name="dvc-push", retries=2, retry_delay_sec
 # ------------------------------------------------------------------------------------------ parameters
 
 
-def _lookup(tree: dict[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def _set_in(doc, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = doc
-    for part in parents:
-        if part not in node or node[part] is None:
-            node[part] = {}
-        node = node[part]
-    node[leaf] = value
-
-
 def resolve_params(project_dir: str | Path, params_file: str = "params.yaml",
                    overrides: dict[str, Any] | None = None) -> Params:
-    """Validate params_file with `overrides` applied exactly as a stage would (unknown keys, types, ranges:
-    the error names the key), then write the overrides into params_file so DVC sees them.
-
-    Nothing is written unless the whole result is valid, and a file whose values already match is left
-    untouched (DVC compares values, but a rewrite would still bump the file's mtime)."""
+    """Validate params_file with `overrides` applied exactly as a stage would (unknown keys, types, ranges,
+    registered methods: the error names the key). Nothing is written: a run's overrides reach DVC as
+    `dvc exp run -S` values, in the run's own workspace, never in the checkout's params file."""
     path = Path(project_dir) / params_file
     raw = read_raw(path)
-    params = check_all(validate_params(apply_overrides(raw, overrides or {}), f"{path} with overrides {overrides}"
-                                       if overrides else str(path)))  # registries too: before any stage runs
-    if overrides:
-        _write_overrides(path, params, overrides)
-    return params
+    return check_all(validate_params(apply_overrides(raw, overrides or {}), f"{path} with overrides {overrides}"
+                                     if overrides else str(path)))
 
 
-def _write_overrides(path: Path, params: Params, overrides: dict[str, Any]) -> None:
-    """Round-trip params_file with ruamel (DVC's own YAML library) so the user's comments and order survive;
-    the values written are the validated ones (e.g. "0.4" given as a string is written as 0.4)."""
-    import io
+def set_params_args(overrides: dict[str, Any] | None, params_file: str = "params.yaml") -> list[str]:
+    """`-S key=value` arguments for `dvc exp run` (values as JSON, which DVC parses as YAML)."""
+    prefix = "" if params_file == "params.yaml" else f"{params_file}:"
+    args: list[str] = []
+    for key, value in (overrides or {}).items():
+        args += ["-S", f"{prefix}{key}={json.dumps(value)}"]
+    return args
 
-    from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedSeq
 
-    validated = params.model_dump(mode="json")
-    yaml_rt = YAML()
-    yaml_rt.preserve_quotes = True
-    # ruamel writes None as an empty value; keep the `null` the user (and params.yaml's comments) wrote.
-    yaml_rt.representer.add_representer(
-        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
-    doc = yaml_rt.load(path.read_text()) or {}
-    changed = False
-    for dotted in overrides:
-        value = _lookup(validated, dotted)
+# ----------------------------------------------------------------------------------------- experiments
+
+EXPERIMENT_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def experiment_name(run_name: str) -> str:
+    """A git-ref-safe experiment name from a Prefect flow run's name (e.g. 'glorious-okapi')."""
+    name = EXPERIMENT_NAME.sub("-", run_name).strip("-.") or "run"
+    return name[:80]
+
+
+def experiment_statuses(lines: list[str]) -> dict[str, str]:
+    """What `dvc exp run` did per stage, in order: ran, unchanged (skipped) or restored (from the run cache)."""
+    out: dict[str, str] = {}
+    for line in lines:
+        found = (re.match(r"Running stage '([^']+)'", line) or re.match(r"Stage '([^']+)' didn't change", line)
+                 or re.match(r"Stage '([^']+)' is cached", line))
+        if found:
+            stage = found.group(1).split(":")[-1]
+            out[stage] = "ran" if line.startswith("Running") else "unchanged" if "didn't change" in line else "restored"
+    return out
+
+
+@contextlib.contextmanager
+def checkout_lock(project_dir: str | Path, what: str, logger=None, poll_seconds: float = 5.0) -> Iterator[None]:
+    """One pruneflow run at a time per checkout. DVC's experiment setup takes the repository's lock, so a
+    second run started meanwhile would fail; instead it waits here, saying for whom."""
+    import fcntl
+    import time
+
+    path = Path(project_dir) / ".dvc" / "tmp" / "pruneflow-run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited and logger is not None:
+                    handle.seek(0)
+                    logger.warning("another pruneflow run holds %s (%s); waiting for it to finish", project_dir,
+                                   handle.read().strip() or "unknown")
+                waited = True
+                time.sleep(poll_seconds)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(what)
+        handle.flush()
         try:
-            current = _lookup(doc, dotted)
-        except (KeyError, TypeError):
-            current = object()
-        if current != value:
-            if isinstance(value, list):  # [8, 128] stays on one line, as params.yaml writes lists
-                value = CommentedSeq(value)
-                value.fa.set_flow_style()
-            _set_in(doc, dotted, value)
-            changed = True
-    if changed:
-        buf = io.StringIO()
-        yaml_rt.dump(doc, buf)
-        write_text(path, buf.getvalue())
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_experiment(project_dir: str, name: str, overrides: dict[str, Any] | None, params_file: str = "params.yaml",
+                   logger=None) -> dict[str, str]:
+    """`dvc exp run --temp -n <name> -S ...`: the whole pipeline in a temporary workspace (the checkout's
+    params.yaml, metrics and outputs are untouched), kept as experiment `name`. DVC's run cache still decides
+    what is stale: stages whose code, deps and params match an earlier run are restored, not recomputed.
+    Returns each stage's status; raises StageError with the failing stage's own message."""
+    args = ["exp", "run", "--temp", "-n", name, *set_params_args(overrides, params_file)]
+    returncode, lines = run_dvc(args, project_dir, logger, tail=2000)
+    statuses = experiment_statuses(lines)
+    if returncode != 0:
+        stage = next((s for s, st in reversed(list(statuses.items())) if st == "ran"), "experiment")
+        code = stage_exit_code(returncode, lines)
+        raise StageError(stage, code, stage_error_message(stage, lines), is_transient(code, lines))
+    return statuses
+
+
+def experiment_ref(project_dir: str | Path, name: str) -> str:
+    """The git ref DVC keeps experiment `name` under (refs/exps/.../<name>)."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project_dir,
+                          capture_output=True, text=True, check=True).stdout.split()
+    found = [r for r in refs if r.rsplit("/", 1)[-1] == name]
+    if not found:
+        raise RuntimeError(f"no DVC experiment named {name!r} in {project_dir} (dvc exp list)")
+    return found[-1]
+
+
+def experiment_file_reader(project_dir: str | Path, name: str):
+    """read(rel) -> the JSON file `rel` as committed in experiment `name`, or None where it has none."""
+    ref = experiment_ref(project_dir, name)
+
+    def read(rel: str):
+        shown = subprocess.run(["git", "show", f"{ref}:{rel}"], cwd=project_dir, capture_output=True, text=True)
+        return json.loads(shown.stdout) if shown.returncode == 0 else None
+
+    return read

@@ -1,18 +1,25 @@
-"""The pruneflow pipeline as a Prefect flow: the same DVC stages `dvc repro` runs, one Prefect task each.
+"""The pruneflow pipeline as a Prefect flow: one flow run = one DVC experiment, in its own workspace.
 
     python -m flows.pipeline                                  # default params, temporary local Prefect server
     python -m flows.pipeline --set select.budget=0.4 --set rank.method=magnitude
 
-Each task runs `dvc repro --single-item <stage>` in project_dir, so DVC alone decides what is stale and records
-lineage in dvc.lock: after a finished `dvc repro` this flow recomputes nothing, and after this flow `dvc repro`
-recomputes nothing. Prefect adds scheduling, retries, logs per stage and a results artifact.
-
-How overrides reach DVC: they are validated with the whole params file exactly as a stage validates it, and
-only then written into params_file (atomically, comments kept), because DVC reads params.yaml to decide what
-changed. They stay there after the run, as with `dvc exp run -S`, so the workspace, dvc.lock and the outputs
-agree. We do not use `dvc exp run -S`: it runs the whole pipeline as one command (no per-stage tasks, logs or
-retries), needs a commit, and writes its results into the working files anyway.
-Stages read params.yaml (their default --params); a different params_file only matters if dvc.yaml points there.
+A run validates its overrides with the whole params file (and the method/task registries) before anything
+runs, then executes `dvc exp run --temp -n <flow run name> -S key=value ...`: DVC copies the committed
+workspace into a temporary directory, applies the overrides there, runs the stages, and keeps the result as an
+experiment named after the Prefect flow run. So
+- the checkout's params.yaml, metrics and outputs are exactly as they were, whether the run succeeded, failed
+  or was cancelled: the next scheduled run, with no overrides, uses the committed params;
+- `dvc exp show` lists every run's params and metrics side by side, and `dvc exp apply <name>` /
+  `dvc exp branch <name> <branch>` brings one back (the markdown artifact names the experiment);
+- DVC's run cache still decides what is stale: stages whose code, deps and params match an earlier run (any
+  experiment's, or the workspace's) are restored from the cache, not recomputed.
+Trade-off against the earlier per-stage tasks: the stages run inside one DVC command, so Prefect sees one task
+(its log streams every stage's output, and the per-stage status ran / unchanged / restored is parsed from it);
+a transient failure retries the whole experiment, which the run cache turns into a resume from the failed
+stage. Runs on one checkout queue on a lock (DVC's experiment setup holds the repository lock); for parallel
+runs give each its own checkout (or `flows.deploy --source <git url>`, which clones per run).
+`dvc exp run` needs a git repository with at least one commit, and runs the committed code plus the
+checkout's uncommitted changes.
 """
 
 from __future__ import annotations
@@ -24,17 +31,19 @@ from typing import Any
 
 # flows.common first: it turns Prefect's telemetry off before prefect is imported.
 from flows.common import (
-    USER_ERROR_EXIT, StageError, dvc_pull, dvc_push, parse_set, pipeline_stages, resolve_params,
-    stage_task,
+    RETRY_DELAY_SECONDS, USER_ERROR_EXIT, StageError, checkout_lock, dvc_pull, dvc_push, experiment_file_reader,
+    experiment_name, parse_set, resolve_params, retry_if_transient, run_experiment,
 )
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from pruneflow.params import Params, ParamsError
 from pruneflow.report import results_markdown, results_table
 
 RESULTS_ARTIFACT_KEY = "pruneflow-results"
+EXPERIMENT_RETRIES = 2
 
 
 # No retries: a params error is the user's to fix, and it must stop the flow before any stage runs.
@@ -43,50 +52,65 @@ def apply_params(project_dir: str, params_file: str, overrides: dict[str, Any] |
     return resolve_params(project_dir, params_file, overrides)
 
 
+@task(name="dvc-exp-run", cache_policy=NO_CACHE, retries=EXPERIMENT_RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS,
+      retry_condition_fn=retry_if_transient)
+def experiment_task(project_dir: str, name: str, overrides: dict[str, Any] | None, params_file: str) -> dict[str, str]:
+    """The stages, as one DVC experiment in a temporary workspace; a failure names the stage that failed."""
+    logger = get_run_logger()
+    with checkout_lock(project_dir, f"experiment {name}", logger):
+        statuses = run_experiment(project_dir, name, overrides, params_file, logger)
+    logger.info("experiment %s: %s", name, ", ".join(f"{s} {st}" for s, st in statuses.items()))
+    return statuses
+
+
 # ------------------------------------------------------------------------------------------------ flow
 
 
 @flow(name="prune-pipeline")
 def prune_pipeline(project_dir: str = ".", params_file: str = "params.yaml",
-                   overrides: dict[str, Any] | None = None, dvc_remote: str | None = None) -> dict[str, Any]:
-    """Run the DVC stages of project_dir's dvc.yaml in order, one Prefect task each; publish the results table.
+                   overrides: dict[str, Any] | None = None, dvc_remote: str | None = None,
+                   experiment: str | None = None) -> dict[str, Any]:
+    """Run the DVC pipeline of project_dir as one experiment named after this flow run; publish the results.
 
     overrides: dotted params, e.g. {"select.budget": 0.4, "rank.method": "magnitude"}; validated with the whole
-    params file before anything runs, then written into params_file (DVC reads it).
+    params file before anything runs, and applied to this run's experiment only.
     dvc_remote: a DVC remote name; when set, `dvc pull` before and `dvc push` after (outputs and run cache),
     so several workers on one pool share results instead of recomputing them.
-    Returns the results table as a dict (None where a stage has not run) plus each stage's DVC status.
+    experiment: the experiment's name (default: this flow run's name).
+    Returns the results table as a dict (None where a stage has not run), each stage's status and the
+    experiment's name.
     """
     logger = get_run_logger()
     project = str(Path(project_dir).resolve())
     params = apply_params(project, params_file, overrides)
-    stages = pipeline_stages(project)
-    logger.info("stages (dvc.yaml order): %s", ", ".join(stages))
+    name = experiment_name(experiment or flow_run.get_name() or "run")
     if dvc_remote:
         dvc_pull(project, "pull", dvc_remote)
-    statuses = {stage: stage_task(stage)(project, stage) for stage in stages}
+    statuses = experiment_task(project, name, overrides, params_file)
     if dvc_remote:
         dvc_push(project, "push", dvc_remote)
-    results = results_table(project, params)
-    markdown = results_markdown(results, statuses)
+    results = results_table(project, params, experiment_file_reader(project, name))
+    markdown = results_markdown(results, statuses, name)
     create_markdown_artifact(markdown=markdown, key=RESULTS_ARTIFACT_KEY,
-                             description=f"pruneflow results, budget {results['budget']}, {project}")
+                             description=f"pruneflow results, experiment {name}, budget {results['budget']}, {project}")
     logger.info("\n%s", markdown)
-    return results | {"stages": statuses, "markdown": markdown}
+    return results | {"stages": statuses, "experiment": name, "markdown": markdown}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--project-dir", default=".", help="the DVC project (default: .)")
+    parser.add_argument("--project-dir", default=".", help="the DVC project, a git checkout (default: .)")
     parser.add_argument("--params", default="params.yaml", help="params file inside project-dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param, e.g. --set select.budget=0.4 (written into the params file)")
+                        help="override a param for this run only, e.g. --set select.budget=0.4")
     parser.add_argument("--dvc-remote", default=None, help="dvc pull before / dvc push after, with this remote")
+    parser.add_argument("--experiment", default=None, help="experiment name (default: the flow run's name)")
     args = parser.parse_args(argv)
     try:
         results = prune_pipeline(project_dir=args.project_dir, params_file=args.params,
-                                 overrides=parse_set(args.overrides) or None, dvc_remote=args.dvc_remote)
-    except (ParamsError, StageError, ValueError, FileNotFoundError) as err:
+                                 overrides=parse_set(args.overrides) or None, dvc_remote=args.dvc_remote,
+                                 experiment=args.experiment)
+    except (ParamsError, StageError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"[flow] error: {err}", file=sys.stderr)  # the log above has the details
         return USER_ERROR_EXIT
     print(results["markdown"])

@@ -1,4 +1,4 @@
-"""The budget × method sweep as a Prefect flow: the same rows, table and plot as the DVC sweep (stages/sweep.py).
+"""The budget × method sweep as a Prefect flow: the same rows, table and plot as the DVC sweep (pruneflow/sweep.py).
 
     python -m flows.sweep                                     # params.yaml's sweep.budgets × sweep.methods
     python -m flows.sweep --set sweep.methods='[kcm, obs]' --set sweep.budgets='[0.5, 0.4]'
@@ -6,12 +6,13 @@
 1. The shared upstream stages (prepare .. collect in dvc.yaml: what run_point reads, data/prepared, data/dense,
    data/stats) are reproduced through DVC, one task each, so the sweep starts from the same cached,
    lineage-tracked artifacts as `dvc repro`. (`upstream` names the last one, should run_point need more.)
-2. One Prefect task per (method, budget) point calls stages.sweep.run_point in this process. Points write no
-   DVC outputs, so no `dvc` command runs while they do: the sweep never holds or waits for DVC's workspace lock
-   and never dirties dvc.lock. (Do not run `dvc repro` in the same checkout meanwhile: it could replace
-   data/dense under a running point.)
-3. stages.sweep.write_report writes metrics/sweep.json, plots/sweep.csv, plots/sweep.md and plots/sweep.png,
-   exactly as the DVC sweep does; plots/sweep.md is also published as a Prefect markdown artifact.
+2. One Prefect task per (method, budget) point calls pruneflow.sweep.run_point in this process, with this
+   run's validated params (overrides are never written into params.yaml). Points write no DVC outputs, so no
+   `dvc` command runs while they do. Overrides of what the upstream stages read (prepare, finetune, collect,
+   task, runtime) are refused: the points read the upstream outputs made with the committed params.
+3. pruneflow.sweep.write_report writes the table, CSV and plot into `sweeps/<flow run name>/` (not the
+   committed metrics/ and plots/, which only `make sweep` writes); its table is published as a Prefect
+   markdown artifact.
 
 Points run one after another: on one worker they share the same GPU (or CPU cores), so running them in threads
 of one process would not be faster. To spread a sweep over several workers, give each run a share of the
@@ -28,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 # flows.common first: it turns Prefect's telemetry off before prefect is imported.
-from flows.common import USER_ERROR_EXIT, parse_set, resolve_params, stage_task, stages_through
+from flows.common import USER_ERROR_EXIT, experiment_name, parse_set, resolve_params, stage_task, stages_through
 from pruneflow.report import markdown_table
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from pruneflow.params import Params, ParamsError
 from pruneflow.runtime import Layout
@@ -40,12 +42,12 @@ from pruneflow.runtime import Layout
 SWEEP_ARTIFACT_KEY = "pruneflow-sweep"
 
 
+UPSTREAM_SECTIONS = ("prepare", "finetune", "collect", "task", "runtime")
+
+
 def sweep_module():
-    """stages.sweep, imported when a sweep runs (so this module imports even where it is missing)."""
-    try:
-        return importlib.import_module("stages.sweep")
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(f"flows.sweep needs stages/sweep.py (points, run_point, write_report): {err}")
+    """pruneflow.sweep, imported when a sweep runs (points, run_point, write_report)."""
+    return importlib.import_module("pruneflow.sweep")
 
 
 def _retry_unless_deterministic(task, task_run, state) -> bool:
@@ -61,8 +63,9 @@ def sweep_point(project_dir: str, params: Params, method: str, budget: float) ->
 
 
 @task(name="sweep-report", cache_policy=NO_CACHE)
-def sweep_report(project_dir: str, params: Params, rows: list[dict[str, Any]]) -> None:
-    sweep_module().write_report(rows, Layout(Path(project_dir)), params)
+def sweep_report(out_dir: str, params: Params, rows: list[dict[str, Any]]) -> None:
+    """The report of this run only, under out_dir (metrics/ and plots/ inside it)."""
+    sweep_module().write_report(rows, Layout(Path(out_dir)), params)
 
 
 def sweep_markdown(rows: list[dict[str, Any]], failed: list[str], report_md: Path | None = None) -> str:
@@ -85,11 +88,15 @@ def sweep_markdown(rows: list[dict[str, Any]], failed: list[str], report_md: Pat
 def prune_sweep(project_dir: str = ".", params_file: str = "params.yaml",
                 overrides: dict[str, Any] | None = None, upstream: str = "collect") -> list[dict[str, Any]]:
     """Reproduce dvc.yaml's stages through `upstream` with DVC, then run every sweep point in-process and
-    write the sweep report. overrides (e.g. {"sweep.budgets": [0.5, 0.4]}) are validated and written to
-    params_file as in prune_pipeline. Returns the rows."""
+    write the sweep report under sweeps/<flow run name>/. overrides (e.g. {"sweep.budgets": [0.5, 0.4]}) are
+    validated and used by this run only. Returns the rows."""
     logger = get_run_logger()
     project = str(Path(project_dir).resolve())
-    params = resolve_params(project, params_file, overrides)  # fails before anything runs
+    upstream_overrides = sorted(k for k in (overrides or {}) if k.split(".")[0] in UPSTREAM_SECTIONS)
+    if upstream_overrides:
+        raise ParamsError(f"the sweep flow reads the upstream stages' outputs made with the committed params; it "
+                          f"cannot override {upstream_overrides} (run prune_pipeline with them, or commit them)")
+    params = resolve_params(project, params_file, overrides)  # fails before anything runs; writes nothing
     for stage in stages_through(project, upstream):
         stage_task(stage)(project, stage)
 
@@ -105,8 +112,10 @@ def prune_sweep(project_dir: str = ".", params_file: str = "params.yaml",
             failed.append(f"{method}@{budget}: {state.message}")
             logger.error("point %s@%s failed: %s", method, budget, state.message)
 
-    sweep_report(project, params, rows)
-    markdown = sweep_markdown(rows, failed, Layout(Path(project)).plots / "sweep.md")
+    out_dir = Path(project) / "sweeps" / experiment_name(flow_run.get_name() or "sweep")
+    sweep_report(str(out_dir), params, rows)
+    markdown = sweep_markdown(rows, failed, Layout(out_dir).plots / "sweep.md")
+    markdown += f"\nreport files: {out_dir.relative_to(project)}/{{metrics,plots}}/\n"
     create_markdown_artifact(markdown=markdown, key=SWEEP_ARTIFACT_KEY, description=f"pruneflow sweep, {project}")
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(points)} sweep points failed (report holds the rest): "

@@ -6,7 +6,7 @@ Used by the Prefect flow (a markdown artifact) and by `python -m stages.summary`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pruneflow.artifacts import read_json
 from pruneflow.params import Params
@@ -23,18 +23,19 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _read_metrics(project_dir: Path) -> dict[str, dict | None]:
-    out = {}
-    for name, rel in METRIC_FILES.items():
-        path = project_dir / rel
-        out[name] = read_json(path) if path.exists() else None
-    return out
+def file_reader(project_dir: Path) -> Callable[[str], dict | None]:
+    """read(rel) -> the JSON file at project_dir/rel, or None where it is missing."""
+    return lambda rel: read_json(project_dir / rel) if (project_dir / rel).exists() else None
 
 
-def _onnx_paths(project_dir: Path) -> dict[str, str | None]:
-    """The deployable files the export stage wrote (data/onnx/{dense,pruned}.onnx), where present."""
-    return {kind: (f"data/onnx/{kind}.onnx" if (project_dir / f"data/onnx/{kind}.onnx").exists() else None)
-            for kind in ("dense", "pruned")}
+def _onnx_paths(project_dir: Path, export: dict | None, from_files: bool) -> dict[str, str | None]:
+    """The deployable files the export stage wrote (data/onnx/{dense,pruned}.onnx): where present in a
+    workspace, or as recorded by the export stage (an experiment's outputs live in DVC's cache)."""
+    if from_files:
+        return {kind: (f"data/onnx/{kind}.onnx" if (project_dir / f"data/onnx/{kind}.onnx").exists() else None)
+                for kind in ("dense", "pruned")}
+    files = (export or {}).get("files") or {}
+    return {kind: files.get(kind) for kind in ("dense", "pruned")}
 
 
 def _reference_shape(reference: Any, params: Params) -> list[int]:
@@ -44,12 +45,15 @@ def _reference_shape(reference: Any, params: Params) -> list[int]:
     return list(reference or params.benchmark.reference)
 
 
-def results_table(project_dir: str | Path, params: Params) -> dict[str, Any]:
-    """The numbers of the results table, None where a stage has not run (its metrics file is missing)."""
+def results_table(project_dir: str | Path, params: Params, read: Callable[[str], dict | None] | None = None
+                  ) -> dict[str, Any]:
+    """The numbers of the results table, None where a stage has not run (its metrics file is missing).
+    read: where the metrics come from (default: the files under project_dir; a flow passes an experiment's)."""
     project_dir = Path(project_dir)
-    m = _read_metrics(project_dir)
+    reader = read or file_reader(project_dir)
+    m = {name: reader(rel) for name, rel in METRIC_FILES.items()}
     quality, latency = m["quality"] or {}, m["latency"] or {}
-    onnx = _onnx_paths(project_dir)
+    onnx = _onnx_paths(project_dir, m["export"], read is None)
     flops_dense, flops_pruned = quality.get("flops_dense"), quality.get("flops_pruned")
     return {
         "budget": quality.get("budget", params.select.budget if m["quality"] else None),
@@ -81,7 +85,7 @@ def _num(v: Any, fmt: str = ".4g") -> Any:
     return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
-def results_markdown(r: dict[str, Any], stages: dict[str, str] | None = None) -> str:
+def results_markdown(r: dict[str, Any], stages: dict[str, str] | None = None, experiment: str | None = None) -> str:
     gflops = lambda v: None if v is None else f"{v / 1e9:.3f}"  # noqa: E731
     shape = r["reference"]
     latency_label = (f"latency ORT, ms (batch {shape[0]}, seq {shape[1]}, {r['provider']}, {r['threads']} thread(s))"
@@ -109,4 +113,8 @@ def results_markdown(r: dict[str, Any], stages: dict[str, str] | None = None) ->
         text += "\n\nnot run (no metrics file): " + ", ".join(r["not_run"])
     if stages:
         text += "\n\nstages (DVC): " + ", ".join(f"{s} {status}" for s, status in stages.items())
+    if experiment:
+        text += (f"\n\nDVC experiment: `{experiment}` (`dvc exp show` lists it beside the others; "
+                 f"`dvc exp apply {experiment}` brings its params, metrics and outputs into the workspace, "
+                 f"`dvc exp branch {experiment} <branch>` keeps it as a branch)")
     return text + "\n"

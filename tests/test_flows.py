@@ -1,6 +1,7 @@
 """The Prefect flows, run for real against a temporary Prefect server (one for the whole session, ~15 s to start)
-on a tiny git+DVC project whose stages are a small script writing the files the real stages write. So DVC,
-the per-stage tasks, retries, overrides and the results artifact are exercised without any ML."""
+on a tiny git+DVC project whose stages are a small script writing the files the real stages write. So DVC
+experiments, overrides, retries and the results artifact are exercised without any ML. Each flow run is one
+`dvc exp run --temp`: the checkout's params.yaml and files never change."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.common import STAGE_RETRIES, StageError, dvc_env, is_transient, retry_if_transient, stage_task
+from flows.common import (STAGE_RETRIES, StageError, checkout_lock, dvc_env, experiment_name, is_transient,
+                          retry_if_transient, stage_task)
 from flows.deploy import build_deployment
-from flows.pipeline import RESULTS_ARTIFACT_KEY, apply_params, prune_pipeline
+from flows.pipeline import EXPERIMENT_RETRIES, RESULTS_ARTIFACT_KEY, apply_params, experiment_task, prune_pipeline
 from flows.sweep import SWEEP_ARTIFACT_KEY, prune_sweep, sweep_point
 from prefect.artifacts import Artifact
 from prefect.states import Failed
@@ -31,13 +33,13 @@ STAGES = ["prepare", "collect", "select", "evaluate", "export", "benchmark"]
 # Stands in for `python -m stages.<name>`. Appends its name to attempts.log (not a DVC output) so a test can
 # count real executions, and fails like a real stage (`[stage] error: ...`, exit 2) on a param it rejects.
 FAKE_STAGE = '''
-import json, pathlib, sys
+import json, os, pathlib, sys
 import yaml
 
 name = sys.argv[1]
 params = yaml.safe_load(open("params.yaml")) or {}
 budget = params.get("select", {}).get("budget", 0.5)
-with open("attempts.log", "a") as f:
+with open(os.environ["FAKE_ATTEMPTS_LOG"], "a") as f:  # outside the (temporary) workspace
     f.write(name + "\\n")
 
 def dump(path, obj):
@@ -124,21 +126,56 @@ def prefect_server():
         yield
 
 
+GIT = ["git", "-c", "user.name=pruneflow-test", "-c", "user.email=test@pruneflow.invalid"]
+
+
 def make_project(root: Path) -> Path:
-    """git init + dvc init (analytics off) + the fake stages."""
+    """git init + dvc init (analytics off) + the fake stages, committed (experiments need a commit)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "fake_stage.py").write_text(FAKE_STAGE)
     (root / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
     (root / "params.yaml").write_text(PARAMS_YAML)
     dvc = [sys.executable, "-m", "dvc"]
-    for cmd in (["git", "init", "-q"], dvc + ["init", "-q"], dvc + ["config", "core.analytics", "false"]):
+    for cmd in (["git", "init", "-q"], dvc + ["init", "-q"], dvc + ["config", "core.analytics", "false"],
+                ["git", "add", "-A"], GIT + ["commit", "-q", "-m", "project"]):
         subprocess.run(cmd, cwd=root, env=dvc_env(), check=True, capture_output=True)
     return root
 
 
+@pytest.fixture(autouse=True)
+def attempts_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_ATTEMPTS_LOG", str(tmp_path / "attempts.log"))
+
+
 def attempts(project: Path) -> list[str]:
-    log = project / "attempts.log"
+    log = project.parent / "attempts.log"
     return log.read_text().split() if log.exists() else []
+
+
+def checkout_state(project: Path) -> dict:
+    """What a run must leave alone: every file of the checkout (DVC's cache and scratch aside: a run adds its
+    outputs to the cache), and git's status."""
+    files = {str(p.relative_to(project)): p.read_bytes() for p in project.rglob("*")
+             if p.is_file() and ".git" not in p.parts and p.relative_to(project).parts[:2] not in
+             ((".dvc", "cache"), (".dvc", "tmp"))}
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
+    return {"files": files, "git": status}
+
+
+def experiments(project: Path) -> dict[str, dict]:
+    """{experiment name: {"budget": params select.budget, "quality": metrics/quality.json}} from `dvc exp show`."""
+    import json
+
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=project, env=dvc_env(),
+                           capture_output=True, text=True, check=True).stdout
+    out = {}
+    for baseline in json.loads(shown):
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                out[rev["name"]] = {"budget": data["params"]["params.yaml"]["data"]["select"]["budget"],
+                                    "quality": data["metrics"].get("metrics/quality.json", {}).get("data")}
+    return out
 
 
 def dvc_status(project: Path) -> str:
@@ -146,33 +183,74 @@ def dvc_status(project: Path) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
-def test_flow_runs_every_stage_then_recomputes_nothing(prefect_server, tmp_path):
+def test_a_run_is_one_experiment_and_leaves_the_checkout_as_it_was(prefect_server, tmp_path):
     project = make_project(tmp_path / "proj")
+    before = checkout_state(project)
 
-    results = prune_pipeline(project_dir=str(project))
-    assert results["stages"] == {s: "ran" for s in STAGES}
+    first = prune_pipeline(project_dir=str(project), overrides={"select.budget": 0.4}, experiment="with-override")
+    assert first["experiment"] == "with-override"
+    assert first["stages"] == {s: "ran" for s in STAGES}
     assert attempts(project) == STAGES
-    assert results["budget"] == 0.5 and results["flops_pruned"] == 1.0e9 and results["agreement"] == 0.95
-    assert results["onnx_dense"] == "data/onnx/dense.onnx" and results["onnx_pruned"] == "data/onnx/pruned.onnx"
-    assert results["not_run"] == []
+    assert checkout_state(project) == before  # params.yaml byte-identical, no metrics or outputs written
+    assert (project / "params.yaml").read_text() == PARAMS_YAML
+    assert first["budget"] == 0.4 and first["flops_pruned"] == 0.8e9 and first["agreement"] == 0.95
+    assert first["onnx_pruned"] == "data/onnx/pruned.onnx" and first["not_run"] == []
+    exps = experiments(project)
+    assert set(exps) == {"with-override"} and exps["with-override"]["budget"] == 0.4
+    assert exps["with-override"]["quality"]["flops_ratio"] == 0.4
     artifact = Artifact.get(RESULTS_ARTIFACT_KEY)
     assert artifact is not None and artifact.type == "markdown"
     assert "speed-up ×1.67" in artifact.data and "data/onnx/pruned.onnx" in artifact.data
     assert "batch 8, seq 128" in artifact.data and "rank=obs, correction=lstsq" in artifact.data
-    assert "not run" not in artifact.data
-    assert "up to date" in dvc_status(project)  # DVC's lock agrees: nothing left to do for `dvc repro`
+    assert "DVC experiment: `with-override`" in artifact.data and "dvc exp apply with-override" in artifact.data
 
-    again = prune_pipeline(project_dir=str(project))
-    assert again["stages"] == {s: "unchanged" for s in STAGES}
-    assert attempts(project) == STAGES  # nothing executed a second time
+    # The next run, without overrides, uses the committed params: nothing leaked from the first run.
+    second = prune_pipeline(project_dir=str(project), experiment="nightly")
+    assert second["budget"] == 0.5 and experiments(project)["nightly"]["budget"] == 0.5
+    assert second["stages"]["prepare"] in ("unchanged", "restored")  # upstream of select: the run cache serves
+    assert second["stages"]["select"] == "ran"
+    assert checkout_state(project) == before
 
-    # An override is written into params.yaml (comments kept), so DVC re-runs select and what follows only.
-    third = prune_pipeline(project_dir=str(project), overrides={"select.budget": 0.4})
-    assert third["stages"] == {"prepare": "unchanged", "collect": "unchanged", "select": "ran",
-                               "evaluate": "ran", "export": "ran", "benchmark": "ran"}
-    assert third["budget"] == 0.4
-    text = (project / "params.yaml").read_text()
-    assert "budget: 0.4" in text and "# a user's comment" in text and "# fraction of dense FLOPs" in text
+
+def test_two_runs_with_different_budgets_are_two_experiments_and_a_repeat_recomputes_nothing(prefect_server, tmp_path):
+    project = make_project(tmp_path / "proj")
+    prune_pipeline(project_dir=str(project), overrides={"select.budget": 0.3}, experiment="b03")
+    prune_pipeline(project_dir=str(project), overrides={"select.budget": 0.6}, experiment="b06")
+    exps = experiments(project)
+    assert {n: e["budget"] for n, e in exps.items()} == {"b03": 0.3, "b06": 0.6}
+    assert exps["b03"]["quality"]["flops_pruned"] != exps["b06"]["quality"]["flops_pruned"]
+    ran = len(attempts(project))
+    again = prune_pipeline(project_dir=str(project), overrides={"select.budget": 0.3}, experiment="b03-again")
+    assert set(again["stages"].values()) <= {"unchanged", "restored"}  # DVC's run cache decides
+    assert len(attempts(project)) == ran and again["flops_pruned"] == 0.6e9
+    # the default experiment name is the flow run's own name
+    named = prune_pipeline(project_dir=str(project), overrides={"select.budget": 0.3})
+    assert named["experiment"] in experiments(project) and named["experiment"] not in {"b03", "b06", "b03-again"}
+
+
+def test_experiment_names_are_ref_safe():
+    assert experiment_name("glorious-okapi") == "glorious-okapi"
+    assert experiment_name("weird name/with:chars~") == "weird-name-with-chars"
+    assert experiment_name("") == "run"
+
+
+def test_a_second_run_on_the_same_checkout_waits_for_the_first(tmp_path):
+    import threading
+    import time
+
+    (tmp_path / ".dvc").mkdir()
+    order = []
+    with checkout_lock(tmp_path, "first"):
+        def second():
+            with checkout_lock(tmp_path, "second", poll_seconds=0.05):
+                order.append("second")
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)
+        order.append("first done")
+    thread.join(5)
+    assert order == ["first done", "second"]
 
 
 def test_results_table_says_not_run_for_missing_metrics(prefect_server, tmp_path):
@@ -184,14 +262,16 @@ def test_results_table_says_not_run_for_missing_metrics(prefect_server, tmp_path
     assert results_markdown(results).count("not run") >= 5
 
 
-def test_failing_stage_fails_the_flow_with_its_message_and_is_not_retried(prefect_server, tmp_path):
+def test_failing_run_fails_with_the_stage_message_and_leaves_the_checkout_unchanged(prefect_server, tmp_path):
     project = make_project(tmp_path / "proj")
+    before = checkout_state(project)
     with pytest.raises(StageError, match=r"collect\.max_samples=1 is too few for a covariance") as err:
-        prune_pipeline(project_dir=str(project), overrides={"collect.max_samples": 1})
+        prune_pipeline(project_dir=str(project), overrides={"collect.max_samples": 1}, experiment="broken")
     assert err.value.stage == "collect" and err.value.returncode == 2 and not err.value.transient
-    # collect has retries, but exit 2 is a user error: it ran once, and nothing after it ran.
-    assert STAGE_RETRIES["collect"] > 0
+    # The experiment task retries, but exit 2 is a user error: collect ran once, nothing after it ran.
+    assert EXPERIMENT_RETRIES > 0 and experiment_task.retry_condition_fn is retry_if_transient
     assert attempts(project) == ["prepare", "collect"]
+    assert checkout_state(project) == before and "broken" not in experiments(project)
 
 
 def test_bad_override_fails_before_any_stage_runs(prefect_server, tmp_path):
@@ -201,7 +281,7 @@ def test_bad_override_fails_before_any_stage_runs(prefect_server, tmp_path):
                            ({"rank.method": "magnitudee"}, "rank.method")]:  # not a method
         with pytest.raises(ParamsError, match=re.escape(key)):
             prune_pipeline(project_dir=str(project), overrides=overrides)
-    assert attempts(project) == []
+    assert attempts(project) == [] and experiments(project) == {}
     assert not (project / "dvc.lock").exists()
     assert (project / "params.yaml").read_text() == PARAMS_YAML  # nothing written
 
@@ -246,23 +326,27 @@ def test_sweep_flow_runs_points_in_process_after_the_upstream_stages(prefect_ser
         return {"method": method, "budget": budget, "flops_ratio": budget, "accuracy_pruned": 0.8}
 
     def write_report(rows, layout, params):
-        layout.metrics.mkdir(exist_ok=True)
-        layout.plots.mkdir(exist_ok=True)
+        layout.metrics.mkdir(parents=True, exist_ok=True)
+        layout.plots.mkdir(parents=True, exist_ok=True)
         (layout.metrics / "sweep.json").write_text(str(rows))
         (layout.plots / "sweep.md").write_text("the DVC sweep's table: " + " ".join(r["method"] for r in rows))
 
-    fake = types.ModuleType("stages.sweep")
+    fake = types.ModuleType("pruneflow.sweep")
     fake.points = lambda params: [(m, b) for m in params.sweep.methods for b in params.sweep.budgets]
     fake.run_point, fake.write_report = run_point, write_report
-    monkeypatch.setitem(sys.modules, "stages.sweep", fake)
+    monkeypatch.setitem(sys.modules, "pruneflow.sweep", fake)
 
     rows = prune_sweep(project_dir=str(project),
                        overrides={"sweep.methods": ["obs", "magnitude"], "sweep.budgets": [0.5, 0.4]})
     assert [(r["method"], r["budget"]) for r in rows] == [("obs", 0.5), ("obs", 0.4), ("magnitude", 0.5),
                                                            ("magnitude", 0.4)]
     assert attempts(project) == ["prepare", "collect"]  # through `collect` only: what the points read
-    assert (project / "metrics/sweep.json").exists()
+    assert (project / "params.yaml").read_text() == PARAMS_YAML  # overrides are this run's only
+    reports = list((project / "sweeps").glob("*/metrics/sweep.json"))
+    assert len(reports) == 1 and not (project / "metrics/sweep.json").exists()
     assert "the DVC sweep's table: obs obs magnitude magnitude" in Artifact.get(SWEEP_ARTIFACT_KEY).data
+    with pytest.raises(ParamsError, match="collect.max_samples"):  # upstream outputs are the committed params'
+        prune_sweep(project_dir=str(project), overrides={"collect.max_samples": 4})
 
     # A failing point: the others still finish and are reported, then the flow fails naming the point.
     with pytest.raises(RuntimeError, match=r"1 of 2 sweep points failed.*obs@0\.1"):

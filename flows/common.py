@@ -1,9 +1,11 @@
-"""What the Prefect flows share: running one DVC stage as a Prefect task, validating and applying param
-overrides, and rendering markdown tables.
+"""What the Prefect flows share: running the pipeline as a DVC experiment (prune_pipeline) or one stage at a
+time (the sweep's upstream stages), validating param overrides, the per-checkout lock, and reading an
+experiment's files back.
 
-DVC stays the one source of caching and lineage: a task never decides by itself whether a stage is stale,
-it asks `dvc repro --single-item <stage>`, which skips an unchanged stage and records what ran in dvc.lock.
-So a flow run right after a finished `dvc repro` recomputes nothing, and vice versa.
+DVC stays the one source of caching and lineage: a task never decides by itself whether a stage is stale. A
+pipeline run is `dvc exp run --temp -S ...` (the checkout is untouched; the run cache restores unchanged stages);
+a single stage is `dvc repro --single-item <stage>`, which skips it when unchanged and records what ran in
+dvc.lock. So a flow run right after a finished `dvc repro` recomputes nothing, and vice versa.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_process_pool(args.pool)
     deployment_id = deployment.apply()
     print(f"deployment '{prune_pipeline.name}/{args.name}' ({deployment_id}): '{args.cron}' on pool {args.pool!r}\n"
-          f"start a worker on the GPU machine:  prefect worker start --pool {args.pool} --limit 1\n"
+          f"start a worker on the GPU machine:  prefect worker start --pool {args.pool}\n"
           f"run it now:                          prefect deployment run '{prune_pipeline.name}/{args.name}'")
     return 0
 

@@ -55,7 +55,11 @@ def make_tiny_project(root: Path, params: dict | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name in ("stages", "pruneflow"):
         (root / name).symlink_to(REPO / name)
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    # The real dvc.yaml, less the `assets` stage: it downloads the packaged RT sentences from PyPI, and the tiny
+    # project reads synthetic sentences instead (tests/test_assets.py covers that stage without the network).
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    del pipeline["stages"]["assets"]
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     from pruneflow.params import Params
 
     merged = Params().model_dump(mode="json")  # DVC wants every section a stage lists to be present

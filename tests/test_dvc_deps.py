@@ -43,3 +43,28 @@ def test_no_library_module_imports_a_stage_and_no_stage_imports_another():
     for path in (REPO / "stages").glob("*.py"):
         bad = [m for m in direct_imports(path, "stages") if m.startswith("stages.") and m != "stages"]
         assert not bad, f"{path.relative_to(REPO)} imports {bad}: stages must not import each other"
+
+
+def test_every_dep_is_tracked_by_git_or_produced_by_a_stage():
+    """An experiment's temporary workspace (`dvc exp run --temp`, what the Prefect flows run) holds only what git
+    tracks plus DVC outputs: a dep that is neither (an ignored, hand-downloaded file) fails there with 'No such
+    file' although `dvc repro` in the checkout works."""
+    import subprocess
+
+    from pruneflow.params import Params
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    tracked = {Path(t) for t in tracked}
+    params = Params()
+    outs = set()
+    for _, _, stage in _stages():
+        outs |= {Path(o if isinstance(o, str) else next(iter(o))) for o in stage.get("outs", [])}
+    for dvc_file, name, stage in _stages():
+        for d in stage["deps"]:
+            if d == "${prepare.path}":
+                d = params.prepare.path
+            dep = Path(d)
+            produced = any(dep == o or o in dep.parents for o in outs)
+            in_git = dep in tracked or any(dep in t.parents for t in tracked)
+            assert produced or in_git, (f"{dvc_file} stage {name!r} depends on {d}, which neither git tracks nor a "
+                                        "stage produces: an experiment's workspace would not have it")

@@ -171,7 +171,9 @@ def _mrp_delta(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor) -> torch.Te
         ix = idx[r]
         A = torch.where(both[r], Hinv[ix.unsqueeze(2), ix.unsqueeze(1)], eye)
         rhs = torch.where(valid[r], torch.gather(W[r], 1, ix), 0.0)
-        x = torch.linalg.solve(A, rhs.unsqueeze(2)).squeeze(2)  # A symmetric: x = rhs A⁻¹ as a column
+        # A is symmetric positive definite (a principal submatrix of H⁻¹, padded with identity): Cholesky. A
+        # batched LU solve (torch.linalg.solve) failed inside MKL (DLASWP) on MiniLM's 1536-wide layers.
+        x = torch.cholesky_solve(rhs.unsqueeze(2), torch.linalg.cholesky(A)).squeeze(2)
         coef[r].scatter_(1, ix, x)  # padding slots get x = 0 at columns not in Q
     return -coef @ Hinv[:b, :]
 

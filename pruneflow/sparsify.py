@@ -3,10 +3,11 @@ block by block, each block calibrated on the outputs of the already-pruned block
 SparseGPT and Wanda, METHODS.md §6). The per-layer math is in sparsity.py (pure functions); this module holds
 the methods (small typed classes, registered by name, their fields are their options) and the hook plumbing.
 
-One pass per block, architecture-agnostic: the calibration batches run through the model with input hooks on
-the block's Linears (H = X Xᵀ / T in float64, padding tokens excluded), and the forward stops at the end of
-that block, so pruning an L-block model costs about L/2 full forward passes plus the per-layer solves. All of a
-block's Linears see the still-dense block's inputs in that one pass, then all are pruned.
+Architecture-agnostic walk: the calibration batches run once up to the first block, whose call arguments are
+kept; each block is then called directly on the kept hidden states, with input hooks on its Linears
+(H = X Xᵀ / T, padding tokens excluded), pruned, and called again to make the next block's inputs. Pruning an
+L-block model costs about two full forward passes plus the per-layer solves. All of a block's Linears see the
+still-dense block's inputs in that one pass, then all are pruned.
 """
 
 from __future__ import annotations
@@ -145,77 +146,184 @@ def sparsity_method(name: str, options: dict | None = None) -> SparsityMethod:
 
 
 class _StopForward(Exception):
-    """Raised by a hook at the end of the block being calibrated: later blocks need not run."""
+    """Raised by a hook once what is needed has run: later blocks need not."""
 
 
 def block_linears(block: nn.Module, prefix: str) -> dict[str, nn.Linear]:
     return {f"{prefix}.{name}": mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
 
 
+class _Moments:
+    """Input hooks that accumulate X Xᵀ (or its diagonal) of each Linear over the real tokens, in float64.
+
+    Linears fed the very same tensor in one forward (q/k/v, gate/up) share one product. Each batch's product is
+    taken in float32 and summed in float64: the float32 sum over one batch's tokens is accurate to ~1e-6
+    relative, and float64 products would cost twice the block's forward on CPU."""
+
+    def __init__(self, linears: dict[str, nn.Linear], diagonal_only: bool):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+        self.rows: torch.Tensor | None = None
+        self._shared: dict[tuple, torch.Tensor] = {}
+        self.diagonal_only = diagonal_only
+        self.handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
+
+    def _hook(self, name):
+        def on_input(module, args):
+            key = (args[0].data_ptr(), tuple(args[0].shape))
+            s = self._shared.get(key)
+            if s is None:
+                x = args[0].reshape(-1, args[0].shape[-1])
+                if self.rows is not None and self.rows.numel() == x.shape[0]:
+                    x = x[self.rows.to(x.device)]
+                x = x.float()
+                s = ((x * x).sum(0) if self.diagonal_only else x.T @ x).to(torch.float64).cpu()
+                self._shared[key] = s
+            self.sums[name] = self.sums[name] + s if name in self.sums else s.clone()
+        return on_input
+
+    def batch(self, attention_mask: torch.Tensor | None, n_tokens: int) -> None:
+        """Call before each batch's forward: which rows are real tokens (padding excluded)."""
+        self.rows = attention_mask.reshape(-1).bool() if attention_mask is not None else None
+        self.tokens += int(self.rows.sum()) if self.rows is not None else n_tokens
+        self._shared.clear()
+
+    def result(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        self._shared.clear()
+        if not self.tokens:
+            raise ValueError("no calibration text: the calibration set is empty")
+        return {name: s / self.tokens for name, s in self.sums.items()}
+
+
 @torch.inference_mode()
 def block_moments(model: nn.Module, block: nn.Module, linears: dict[str, nn.Linear], batches: Iterable[dict],
                   diagonal_only: bool = False) -> dict[str, torch.Tensor]:
-    """X Xᵀ / T (float64) of every Linear in `linears` over the real tokens of `batches`; the forward stops
-    after `block`. With diagonal_only, just the diagonal (what Wanda and magnitude need)."""
-    sums: dict[str, torch.Tensor] = {}
-    count = {"tokens": 0}
-    keep: dict[str, torch.Tensor | None] = {"rows": None}
-    handles = []
-    for name, lin in linears.items():
-        def on_input(module, args, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            if keep["rows"] is not None and keep["rows"].numel() == x.shape[0]:
-                x = x[keep["rows"]]
-            x = x.to(torch.float64)
-            s = (x * x).sum(0) if diagonal_only else x.T @ x
-            sums[name] = sums[name] + s if name in sums else s
-        handles.append(lin.register_forward_pre_hook(on_input))
+    """X Xᵀ / T (float64) of every Linear in `linears` over the real tokens of `batches`, running the whole
+    model and stopping after `block` (the reference the cached walk of `sparsify_model` must agree with)."""
+    acc = _Moments(linears, diagonal_only)
 
     def stop(module, args, output):
         raise _StopForward
 
-    handles.append(block.register_forward_hook(stop))
+    stop = block.register_forward_hook(stop)
     try:
         for enc in batches:
-            keep["rows"] = enc["attention_mask"].reshape(-1).bool() if "attention_mask" in enc else None
-            count["tokens"] += int(keep["rows"].sum()) if keep["rows"] is not None else enc["input_ids"].numel()
+            acc.batch(enc.get("attention_mask"), enc["input_ids"].numel())
             try:
                 model(**enc)
             except _StopForward:
                 pass
     finally:
-        for h in handles:
-            h.remove()
-    if not count["tokens"]:
+        stop.remove()
+    return acc.result()
+
+
+@dataclass
+class _BlockCall:
+    """One calibration batch as the first block receives it: its positional and keyword arguments (the hidden
+    states, and what the model computed once for all blocks: attention masks, rotary embeddings, positions) and
+    which rows are real tokens. The walk swaps in the previous block's outputs and calls each block directly."""
+    args: tuple
+    kwargs: dict
+    attention_mask: torch.Tensor | None
+    tokens: int
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden(self, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        if self.args:
+            return (hidden, *self.args[1:]), self.kwargs
+        return (), {**self.kwargs, "hidden_states": hidden}
+
+
+@torch.inference_mode()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[dict]) -> list[_BlockCall]:
+    """Run the model up to its first block once per batch and keep what that block was called with."""
+    calls: list[_BlockCall] = []
+    current: dict = {}
+
+    def grab(module, args, kwargs):
+        calls.append(_BlockCall(tuple(args), dict(kwargs), current.get("attention_mask"), current["tokens"]))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False  # no KV cache objects in the captured kwargs
+    try:
+        for enc in batches:
+            current = {"attention_mask": enc.get("attention_mask"), "tokens": enc["input_ids"].numel()}
+            try:
+                model(**enc)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    if not calls:
         raise ValueError("no calibration text: the calibration set is empty")
-    return {name: s / count["tokens"] for name, s in sums.items()}
+    return calls
+
+
+def _hidden_out(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 @dataclass
 class SparsifyReport:
     plan: Plan
     seconds: float
-    layer_seconds: dict[str, float]
+    layer_seconds: dict[str, float]  # the per-Linear solves
     errors: dict[str, float]  # relative reconstruction error per Linear: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)
+    forward_seconds: float = 0.0  # the calibration forwards inside the walk (capture + 2 block passes)
 
 
 def sparsify_model(model: nn.Module, adapter: Adapter, batches: Callable[[], Iterable[dict]],
-                   method: SparsityMethod, pattern: Pattern, progress=None) -> SparsifyReport:
-    """Prune every Linear of every block of `model` in place (weights zeroed and updated), block by block on
-    fresh calibration batches (`batches()` returns a new iterator each call). Returns the plan (masks, True =
-    kept) and per-layer timings and errors."""
+                   method: SparsityMethod, pattern: Pattern, progress=None, device: str | None = None
+                   ) -> SparsifyReport:
+    """Prune every Linear of every block of `model` in place (weights zeroed and updated), block by block.
+
+    The calibration batches run once up to the first block; their inputs to it are kept (hidden states plus
+    the shared keyword arguments) and each block is then called directly: once with input hooks for its
+    moments, and once after pruning to produce the next block's inputs, so block i is calibrated on the
+    outputs of the already-pruned blocks < i. Cost: about two full forward passes plus the solves, instead of
+    L/2 passes when each block re-runs the model's prefix. With `device` set, only the current block is moved
+    there (the rest of the model stays where it is, e.g. on CPU), so the device holds one block's weights plus
+    the calibration hidden states."""
     t0 = time.perf_counter()
     names = {mod: name for name, mod in model.named_modules()}
     masks, patterns, layer_seconds, errors = {}, {}, {}, {}
-    for i, block in enumerate(adapter.layers()):
+    blocks = list(adapter.layers())
+    t_fwd = time.perf_counter()
+    calls = capture_block_inputs(model, blocks[0], batches())
+    forward_seconds = time.perf_counter() - t_fwd
+    home = next(blocks[0].parameters()).device
+    if device is not None:
+        calls = [_to(c, device) for c in calls]
+    for block in blocks:
+        if device is not None:
+            block.to(device)
         linears = block_linears(block, names[block])
-        moments = block_moments(model, block, linears, batches(), diagonal_only=not method.needs_hessian)
         for name, lin in linears.items():
             if pattern.n and lin.in_features % pattern.m:
                 raise ValueError(f"{name}: {lin.in_features} inputs is not a multiple of {pattern.m} ({pattern.label})")
+        t_fwd = time.perf_counter()
+        acc = _Moments(linears, diagonal_only=not method.needs_hessian)
+        with torch.inference_mode():
+            for c in calls:
+                acc.batch(c.attention_mask, c.tokens)
+                block(*c.args, **c.kwargs)
+        moments = acc.result()
+        forward_seconds += time.perf_counter() - t_fwd
+        for name, lin in linears.items():
             t1 = time.perf_counter()
             W = lin.weight.data
-            H = moments[name]
+            H = moments[name].to(W.device)
             W_new, pruned = method.prune(W, H, pattern)
             layer_seconds[name] = time.perf_counter() - t1
             if H.dim() == 2:
@@ -224,9 +332,24 @@ def sparsify_model(model: nn.Module, adapter: Adapter, batches: Callable[[], Ite
             lin.weight.data.copy_(W_new.to(W.dtype).masked_fill(pruned.to(W.device), 0))
             masks[name] = ~pruned.cpu()
             patterns[name] = pattern.plan_pattern
+        t_fwd = time.perf_counter()
+        with torch.inference_mode():
+            calls = [_BlockCall(*c.with_hidden(_hidden_out(block(*c.args, **c.kwargs))), c.attention_mask, c.tokens)
+                     for c in calls]
+        forward_seconds += time.perf_counter() - t_fwd
+        if device is not None:
+            block.to(home)
         if progress is not None:
             progress.update(1)
-    return SparsifyReport(Plan(masks=masks, patterns=patterns), time.perf_counter() - t0, layer_seconds, errors)
+    return SparsifyReport(Plan(masks=masks, patterns=patterns), time.perf_counter() - t0, layer_seconds, errors,
+                          forward_seconds)
+
+
+def _to(call: _BlockCall, device: str) -> _BlockCall:
+    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else (
+        tuple(move(x) for x in v) if isinstance(v, tuple) else v)
+    return _BlockCall(tuple(move(a) for a in call.args), {k: move(v) for k, v in call.kwargs.items()},
+                      call.attention_mask, call.tokens)
 
 
 def density(model: nn.Module, plan: Plan) -> float:
@@ -238,4 +361,4 @@ def density(model: nn.Module, plan: Plan) -> float:
 
 
 __all__ = ["Pattern", "SparsityMethod", "SPARSITY_METHODS", "register", "sparsity_method", "block_moments",
-           "sparsify_model", "SparsifyReport", "density"]
+           "capture_block_inputs", "sparsify_model", "SparsifyReport", "density"]

@@ -123,3 +123,30 @@ def test_unknown_method_and_option():
         sparsity_method("obs")
     with pytest.raises(Exception, match="blocksiz"):
         sparsity_method("sparsegpt", {"blocksiz": 64})
+
+
+def test_walk_runs_each_block_twice_per_batch_and_device_mode_agrees():
+    """The cached walk calls every block exactly twice per calibration batch (moments, then outputs for the
+    next block), never re-running the prefix; moving one block at a time to a device gives the same model."""
+    model = tiny_llama(layers=3).eval()
+    ref = tiny_llama(layers=3).eval()
+    adapter = get_adapter(model)
+    calls = [0] * 3
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, b in enumerate(adapter.layers())]
+    rep = sparsify_model(model, adapter, batches, sparsity_method("sparsegpt", {"blocksize": 16}), Pattern.parse("0.5"))
+    for h in handles:
+        h.remove()
+    assert calls == [2 * len(batches())] * 3
+    assert rep.forward_seconds > 0
+    sparsify_model(ref, get_adapter(ref), batches, sparsity_method("sparsegpt", {"blocksize": 16}),
+                   Pattern.parse("0.5"), device="cpu")
+    enc = tiny_inputs()
+    with torch.inference_mode():
+        assert torch.equal(model(**enc).logits, ref(**enc).logits)
+
+
+def test_empty_calibration_fails_clearly():
+    model = tiny_llama().eval()
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        sparsify_model(model, get_adapter(model), lambda: [], sparsity_method("wanda"), Pattern.parse("0.5"))

@@ -156,7 +156,7 @@ def block_linears(block: nn.Module, prefix: str) -> dict[str, nn.Linear]:
 class _Moments:
     """Input hooks that accumulate X Xᵀ (or its diagonal) of each Linear over the real tokens, in float64.
 
-    Linears fed the very same tensor in one forward (q/k/v, gate/up) share one product. Each batch's product is
+    Consecutive Linears fed the very same tensor (q/k/v, gate/up) share one product. Each batch's product is
     taken in float32 and summed in float64: the float32 sum over one batch's tokens is accurate to ~1e-6
     relative, and float64 products would cost twice the block's forward on CPU."""
 
@@ -164,21 +164,22 @@ class _Moments:
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens = 0
         self.rows: torch.Tensor | None = None
-        self._shared: dict[tuple, torch.Tensor] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input tensor, its product)
         self.diagonal_only = diagonal_only
         self.handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
 
     def _hook(self, name):
         def on_input(module, args):
-            key = (args[0].data_ptr(), tuple(args[0].shape))
-            s = self._shared.get(key)
-            if s is None:
+            # Identity, not address: a freed activation's memory is reused by later tensors of the same shape.
+            if self._last is not None and self._last[0] is args[0]:
+                s = self._last[1]
+            else:
                 x = args[0].reshape(-1, args[0].shape[-1])
                 if self.rows is not None and self.rows.numel() == x.shape[0]:
                     x = x[self.rows.to(x.device)]
                 x = x.float()
                 s = ((x * x).sum(0) if self.diagonal_only else x.T @ x).to(torch.float64).cpu()
-                self._shared[key] = s
+                self._last = (args[0], s)
             self.sums[name] = self.sums[name] + s if name in self.sums else s.clone()
         return on_input
 
@@ -186,12 +187,12 @@ class _Moments:
         """Call before each batch's forward: which rows are real tokens (padding excluded)."""
         self.rows = attention_mask.reshape(-1).bool() if attention_mask is not None else None
         self.tokens += int(self.rows.sum()) if self.rows is not None else n_tokens
-        self._shared.clear()
+        self._last = None
 
     def result(self) -> dict[str, torch.Tensor]:
         for h in self.handles:
             h.remove()
-        self._shared.clear()
+        self._last = None
         if not self.tokens:
             raise ValueError("no calibration text: the calibration set is empty")
         return {name: s / self.tokens for name, s in self.sums.items()}

@@ -150,3 +150,22 @@ def test_empty_calibration_fails_clearly():
     model = tiny_llama().eval()
     with pytest.raises(ValueError, match="calibration set is empty"):
         sparsify_model(model, get_adapter(model), lambda: [], sparsity_method("wanda"), Pattern.parse("0.5"))
+
+
+def test_every_linear_gets_its_own_inputs_moments():
+    """Shared products (q/k/v, gate/up) must not leak to other Linears (e.g. o_proj, whose input can land in
+    the memory a freed activation of the same shape had): each H equals X Xᵀ / T of that Linear's own inputs."""
+    model = tiny_llama(layers=2).eval()
+    block = model.model.layers[1]
+    linears = block_linears(block, "b")
+    seen: dict[str, list] = {n: [] for n in linears}
+    hooks = [lin.register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach().clone()))
+             for n, lin in linears.items()]
+    encs = batches()
+    H = block_moments(model, block, linears, encs)
+    for h in hooks:
+        h.remove()
+    for n in linears:
+        x = torch.cat([s.reshape(-1, s.shape[-1])[e["attention_mask"].reshape(-1).bool()]
+                       for s, e in zip(seen[n], encs)]).double()
+        assert torch.allclose(H[n], x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7), n

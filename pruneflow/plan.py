@@ -75,7 +75,7 @@ class Plan:
         out = {"format": FORMAT, "architecture": type(model).__name__, "family": adapter.family,
                "keep_heads": None if not self.slices else [sorted(int(h) for h in hs) for hs in self.keep_heads],
                "keep_neurons": None if not self.slices else [sorted(int(j) for j in js) for js in self.keep_neurons],
-               "shape": [s.__dict__ for s in adapter.shape()],
+               "shape": [s.__dict__ for s in adapter.shape()] if adapter.structured else None,  # Mamba: no units
                "masks": {name: {"pattern": self.patterns.get(name, "unstructured"), "shape": list(m.shape),
                                 "density": float(m.float().mean())} for name, m in sorted(self.masks.items())},
                "info": info or {}}
@@ -147,6 +147,8 @@ def load_pruned(path: str | Path, attn: str = "sdpa", device: str = "cpu") -> nn
     plan, manifest = read_plan(path)
     config = transformers.AutoConfig.from_pretrained(str(path))
     cls = getattr(transformers, manifest["architecture"])
+    if not getattr(cls, "_supports_sdpa", True):  # attention-free (Mamba): transformers refuses "sdpa"
+        attn = "eager"
     model = cls._from_config(config, attn_implementation=attn)
     if plan.slices:
         get_adapter(model).slice_(plan.keep_heads, plan.keep_neurons)

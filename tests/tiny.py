@@ -57,9 +57,18 @@ def tiny_gemma3(seed: int = 0, layers: int = 2):  # post-sublayer norms, q/k nor
                          query_pre_attn_scalar=16)
 
 
+def tiny_mamba(seed: int = 0, layers: int = 2):  # no heads or neurons: weight sparsity only
+    """Every Linear's input width (in_proj 32, x_proj 64, dt_proj 4, out_proj 64) is a multiple of 4, for 2:4."""
+    torch.manual_seed(seed)
+    cfg = transformers.MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=layers, expand=2,
+                                   conv_kernel=4, time_step_rank=4, tie_word_embeddings=True)
+    return transformers.MambaForCausalLM(cfg).eval()
+
+
 FACTORIES = {"bert": tiny_bert, "distilbert": tiny_distilbert, "llama": tiny_llama, "mistral": tiny_mistral,
              "qwen2": tiny_qwen2, "qwen3": tiny_qwen3, "gemma3": tiny_gemma3}
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+SPARSITY_ONLY_FACTORIES = {"mamba": tiny_mamba}  # families without heads and neurons: not in FACTORIES' suites
 
 
 def tiny_inputs(batch: int = 3, seq: int = 10, seed: int = 1, vocab: int = 120):

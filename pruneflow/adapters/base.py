@@ -15,9 +15,22 @@ Unit conventions
   input), because zero-width matmuls export to ONNX but do not load in onnxruntime.
 Indices always refer to the dense model the slicing started from.
 
-Adding a family: subclass `Adapter` (or `DecoderAdapter` for Llama-style decoders) in a new file of this
-package, implement the abstract methods, decorate it with `@register`, and import the file in `__init__.py`.
-The conformance suite (tests/test_adapters.py) then runs against it.
+Two kinds of family, told apart by the class attribute `structured`
+- `BlockAdapter` is what weight sparsity needs (sparsify.py): where the blocks are (`layers()`), hence which
+  Linears the sparsity methods prune (`block_linears()`). Both kinds below are BlockAdapters.
+- `Adapter` (structured = True): heads, neurons, slicing, masking, MACs, for the structured pipeline.
+- `SparsityOnlyAdapter` (structured = False): families without attention heads and FFN neurons (Mamba).
+  Asking one for any structured member (`shape`, `units`, `slice_`, `attn_in`, `masked`, `macs`, ...)
+  raises `StructuredPruningUnsupported`, a one-line ValueError naming the family, so collect/rank/select/
+  correct fail at their first use of the adapter rather than deep inside the math.
+The registry holds both kinds; `get_adapter` returns whichever serves the model, and a caller that needs
+heads and neurons can test `adapter.structured` up front.
+
+Adding a family: subclass `Adapter` (or `DecoderAdapter` for Llama-style decoders, `SparsityOnlyAdapter` for
+a family without heads and neurons) in a new file of this package, implement the abstract methods, decorate
+it with `@register`, and import the file in `__init__.py`. The conformance suite (tests/test_adapters.py)
+then runs against every structured family; a sparsity-only family gets its own end-to-end test (as
+tests/test_mamba.py).
 """
 
 from __future__ import annotations
@@ -83,24 +96,48 @@ class LayerShape:
     kv_heads: int
 
 
-class Adapter(ABC):
-    """One architecture family. Subclasses say where modules live; slicing, masking, shapes and costs are shared."""
+class StructuredPruningUnsupported(UnsupportedArchitecture, AttributeError):
+    """A sparsity-only family was asked for heads, neurons, shapes or slicing. Also an AttributeError, so
+    hasattr() and getattr(..., default) see the member as absent instead of raising."""
+
+
+class BlockAdapter(ABC):
+    """One architecture family, as far as weight sparsity needs it: the blocks and the Linears inside them."""
 
     family: ClassVar[str]  # name used in manifests and messages
     model_types: ClassVar[tuple[str, ...]]  # config.model_type values this adapter serves
-    ffn_in_names: ClassVar[tuple[str, ...]]  # the FFN input projections (their count enters the MAC formula)
-    post_norm: ClassVar[bool]  # post-LN residual (BERT): a sublayer's output is normalised with the residual
+    structured: ClassVar[bool] = False  # True: also knows heads and neurons (an `Adapter`)
     ort_optimizer_type: ClassVar[str | None] = None  # onnxruntime transformer-optimizer model_type, if it has one
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
 
-    # --- where things are: every family implements these ----------------------------------------------
     @abstractmethod
     def layers(self) -> nn.ModuleList:
-        """The transformer blocks, in order."""
+        """The blocks, in order."""
 
+    def module_names(self) -> dict[nn.Module, str]:
+        return {m: n for n, m in self.model.named_modules()}
+
+    def block_linears(self) -> dict[str, nn.Linear]:
+        """Every Linear inside the blocks, by qualified name (what sparsity plans prune)."""
+        names = self.module_names()
+        return {names[m]: m for block in self.layers() for m in block.modules() if isinstance(m, nn.Linear)}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+
+class Adapter(BlockAdapter):
+    """One transformer family. Subclasses say where modules live; slicing, masking, shapes and costs are shared."""
+
+    structured: ClassVar[bool] = True
+    ffn_in_names: ClassVar[tuple[str, ...]]  # the FFN input projections (their count enters the MAC formula)
+    post_norm: ClassVar[bool]  # post-LN residual (BERT): a sublayer's output is normalised with the residual
+
+    # --- where things are: every family implements these (and `layers`) --------------------------------
     @abstractmethod
     def attn_in(self, i: int) -> list[nn.Linear]:
         """Layer i's [q, k, v] projections (rows = heads)."""
@@ -160,19 +197,7 @@ class Adapter(ABC):
         units = sorted(int(u) for u in units)
         return head_columns(units, self.head_dim) if name == "attn" else torch.tensor(units, dtype=torch.long)
 
-    def module_names(self) -> dict[nn.Module, str]:
-        return {m: n for n, m in self.model.named_modules()}
-
-    def block_linears(self) -> dict[str, nn.Linear]:
-        """Every Linear inside the transformer blocks, by qualified name (what sparsity plans prune)."""
-        names = self.module_names()
-        return {names[m]: m for block in self.layers() for m in block.modules() if isinstance(m, nn.Linear)}
-
     # --- sizes --------------------------------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers())
-
     @property
     def hidden(self) -> int:
         return self.config.hidden_size if hasattr(self.config, "hidden_size") else self.config.dim
@@ -295,3 +320,23 @@ class Adapter(ABC):
         finally:
             for h in handles:
                 h.remove()
+
+
+# What only structured adapters have: the members a SparsityOnlyAdapter refuses.
+_ADAPTER_MEMBERS = {n for n in dir(Adapter) if not n.startswith("__")} | set(Adapter.__annotations__)
+STRUCTURED_MEMBERS = frozenset(_ADAPTER_MEMBERS - set(dir(BlockAdapter)))
+
+
+class SparsityOnlyAdapter(BlockAdapter):
+    """A family with no attention heads or FFN neurons (Mamba): weight sparsity only. Any structured member
+    raises StructuredPruningUnsupported, a one-line error saying so. (The refusal lives here, not in
+    BlockAdapter, because a __getattr__ there would also swallow AttributeErrors raised inside Adapter's
+    properties and replace their messages.)"""
+
+    def __getattr__(self, name: str):
+        # Reached only when normal lookup fails, i.e. for members this class does not have.
+        if name in STRUCTURED_MEMBERS:
+            raise StructuredPruningUnsupported(
+                f"{self.family} supports weight sparsity (sparsify) only; structured pruning needs attention "
+                f"heads and FFN neurons (asked for adapter.{name})")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

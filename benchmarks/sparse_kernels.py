@@ -5,9 +5,12 @@ sparse tensors (`torch.sparse.to_sparse_semi_structured`, CUTLASS and cuSPARSELt
 the sparse tensor cores of Ampere and later GPUs. For every distinct Linear shape of each model and every token
 count, this times `F.linear(x, W)` with W dense (zeros included) and with W semi-structured, from the same 2:4
 weights: CUDA events around `--inner` calls, `--warmup` untimed repeats, median of `--repeats`. Reported:
-dense ms, sparse ms, dense/sparse (> 1 = sparse faster), and max |sparse − dense| of the outputs. The per-model
-line sums the isolated matmuls over all of a model's Linears (7 per block × blocks): an upper bound on what
-2:4 saves in the Linears, not an end-to-end latency.
+dense ms, sparse ms, dense/sparse (> 1 = sparse faster), and max |sparse − dense| of the outputs. The same is
+timed again with the calls captured in a CUDA graph and replayed ("graphed"): that leaves the kernels and drops
+per-call host work, which for PyTorch's cuSPARSELt path is large (it builds and frees the matmul plan on every
+call) and which a serving engine that caches plans would not pay. The per-model line sums the isolated matmuls
+over all of a model's Linears (7 per block × blocks): what 2:4 could save in the Linears, not an end-to-end
+latency.
 
 Weights are random (no assets) with a valid 2:4 mask from pruneflow.sparsity.nm_mask, which imports nothing
 but torch, so this runs on a machine with only torch installed:
@@ -90,6 +93,22 @@ def cuda_median_ms(fn, warmup: int, repeats: int, inner: int) -> float:
     return statistics.median(times)
 
 
+def graph_median_ms(fn, warmup: int, repeats: int, inner: int) -> float:
+    """The same, with the `inner` calls captured once in a CUDA graph and replayed: host-side work per call
+    (cuSPARSELt builds and frees its matmul plan on every call in PyTorch <= 2.11) drops out, kernels remain."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the default stream before capture, as CUDA graphs require
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    return cuda_median_ms(graph.replay, warmup, repeats, 1) / inner
+
+
 def backend_available(backend: str) -> tuple[bool, str]:
     if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
         return False, "torch.backends.cusparselt.is_available() is False"
@@ -109,9 +128,17 @@ def bench_shape(shape: tuple[int, int], tokens: int, dtype_name: str, backend: s
         scale = float(dense_out.float().abs().max())
         dense_ms = cuda_median_ms(lambda: F.linear(x, w), args.warmup, args.repeats, args.inner)
         sparse_ms = cuda_median_ms(lambda: F.linear(x, ws), args.warmup, args.repeats, args.inner)
-    return {"out": out_f, "in": in_f, "tokens": tokens, "dtype": dtype_name,
-            "backend": backend, "dense_ms": dense_ms, "sparse_ms": sparse_ms, "dense_over_sparse": dense_ms / sparse_ms,
-            "max_abs_diff": diff, "max_abs_dense_out": scale}
+        row = {"out": out_f, "in": in_f, "tokens": tokens, "dtype": dtype_name, "backend": backend,
+               "dense_ms": dense_ms, "sparse_ms": sparse_ms, "dense_over_sparse": dense_ms / sparse_ms,
+               "max_abs_diff": diff, "max_abs_dense_out": scale}
+        if args.graphs:
+            try:
+                dg = graph_median_ms(lambda: F.linear(x, w), args.warmup, args.repeats, args.inner)
+                sg = graph_median_ms(lambda: F.linear(x, ws), args.warmup, args.repeats, args.inner)
+                row.update(graph_dense_ms=dg, graph_sparse_ms=sg, graph_dense_over_sparse=dg / sg)
+            except RuntimeError as e:  # capture refused (e.g. a host sync inside the sparse call)
+                row["graph_error"] = str(e).splitlines()[0][:200]
+    return row
 
 
 def model_totals(rows: list[dict], model: str) -> list[dict]:
@@ -129,8 +156,13 @@ def model_totals(rows: list[dict], model: str) -> list[dict]:
             continue
         dense = sum(sel[s]["dense_ms"] * n for s, n in counts.items())
         sparse = sum(sel[s]["sparse_ms"] * n for s, n in counts.items())
-        out.append({"model": model, "dtype": dtype, "backend": backend, "tokens": tokens, "linears": sum(counts.values()),
-                    "dense_ms": dense, "sparse_ms": sparse, "dense_over_sparse": dense / sparse})
+        total = {"model": model, "dtype": dtype, "backend": backend, "tokens": tokens, "linears": sum(counts.values()),
+                 "dense_ms": dense, "sparse_ms": sparse, "dense_over_sparse": dense / sparse}
+        if all("graph_sparse_ms" in sel[s] for s in counts):
+            dg = sum(sel[s]["graph_dense_ms"] * n for s, n in counts.items())
+            sg = sum(sel[s]["graph_sparse_ms"] * n for s, n in counts.items())
+            total.update(graph_dense_ms=dg, graph_sparse_ms=sg, graph_dense_over_sparse=dg / sg)
+        out.append(total)
     return out
 
 
@@ -154,17 +186,21 @@ def environment() -> dict:
 
 def print_table(rows: list[dict], totals: list[dict]) -> None:
     print(f"{'shape (out×in)':>16} {'tokens':>6} {'dtype':>8} {'backend':>10} {'dense ms':>9} {'2:4 ms':>9} "
-          f"{'dense/2:4':>9} {'max|Δ|':>9}")
+          f"{'dense/2:4':>9} {'max|Δ|':>9} | graphed: {'dense ms':>9} {'2:4 ms':>9} {'dense/2:4':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['out']:>7}×{r['in']:<8} {r['tokens']:>6} {r['dtype']:>8} {r['backend']:>10}  error: {r['error']}")
             continue
+        graphed = (f"{r['graph_dense_ms']:>9.4f} {r['graph_sparse_ms']:>9.4f} {r['graph_dense_over_sparse']:>9.2f}"
+                   if "graph_sparse_ms" in r else r.get("graph_error", "-"))
         print(f"{r['out']:>7}×{r['in']:<8} {r['tokens']:>6} {r['dtype']:>8} {r['backend']:>10} {r['dense_ms']:>9.4f} "
-              f"{r['sparse_ms']:>9.4f} {r['dense_over_sparse']:>9.2f} {r['max_abs_diff']:>9.2e}")
+              f"{r['sparse_ms']:>9.4f} {r['dense_over_sparse']:>9.2f} {r['max_abs_diff']:>9.2e} | graphed: {graphed}")
     print("\nAll Linears of the model, isolated matmuls summed (not end-to-end latency):")
     for t in totals:
         print(f"{t['model']:>14} {t['linears']:>4} Linears {t['tokens']:>6} tok {t['dtype']:>8} {t['backend']:>10} "
-              f"dense {t['dense_ms']:9.3f} ms  2:4 {t['sparse_ms']:9.3f} ms  dense/2:4 {t['dense_over_sparse']:.2f}")
+              f"dense {t['dense_ms']:9.3f} ms  2:4 {t['sparse_ms']:9.3f} ms  dense/2:4 {t['dense_over_sparse']:.2f}"
+              + (f"  | graphed: dense {t['graph_dense_ms']:8.3f} ms  2:4 {t['graph_sparse_ms']:8.3f} ms  "
+                 f"dense/2:4 {t['graph_dense_over_sparse']:.2f}" if "graph_sparse_ms" in t else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=25)
     ap.add_argument("--inner", type=int, default=10, help="calls per timed repeat (amortises launch overhead)")
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false",
+                    help="skip the CUDA-graph timings (kernels without per-call host work)")
     ap.add_argument("--out", default="metrics/sparse_kernels.json")
     args = ap.parse_args(argv)
 

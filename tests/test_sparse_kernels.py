@@ -69,4 +69,9 @@ def test_linear_shapes_and_model_totals():
     assert t["linears"] == 210
     assert t["dense_ms"] == pytest.approx(dense) and t["sparse_ms"] == pytest.approx(sparse)
     assert t["dense_over_sparse"] == pytest.approx(dense / sparse)
+    assert "graph_sparse_ms" not in t
     assert model_totals(rows[:-1], "smollm2-135m") == []  # a shape missing: no total rather than a wrong one
+    graphed = [dict(r, graph_dense_ms=r["dense_ms"] / 2, graph_sparse_ms=r["sparse_ms"] / 4) for r in rows]
+    [g] = model_totals(graphed, "smollm2-135m")
+    assert g["graph_dense_ms"] == pytest.approx(dense / 2) and g["graph_sparse_ms"] == pytest.approx(sparse / 4)
+    assert g["graph_dense_over_sparse"] == pytest.approx(2 * dense / sparse)

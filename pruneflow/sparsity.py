@@ -234,3 +234,44 @@ def reconstruction_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) 
     """tr((W_new − W) H (W_new − W)ᵀ): the summed output error per token, E‖ΔW x‖², when H = X Xᵀ / T."""
     D = W_new.detach().to(torch.float64) - W.detach().to(torch.float64)
     return float(torch.einsum("ri,ij,rj->", D, H.detach().to(torch.float64).to(D.device), D))
+
+
+def refit_cg(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, W0: torch.Tensor | None = None,
+             percdamp: float = 0.01, max_iters: int = 100, tol: float = 1e-7) -> tuple[torch.Tensor, int]:
+    """The same optimum as `apt_full` (the exact multiple-removal solution for a fixed mask), reached by
+    Jacobi-preconditioned conjugate gradients on every row at once: min over Z with Z = 0 on the mask of
+    tr((Z − W) H (Z − W)ᵀ), i.e. Z_K H_KK = (W H)_K per row. Each iteration is one [rows, in] × [in, in]
+    matmul (BLAS-3), against one k×k Cholesky per row for the direct solve (k ≈ in/2 at 50%): on a 1536-wide
+    layer the direct solve costs ~50× SparseGPT, CG from SparseGPT's weights a few iterations.
+
+    Warm-started from W0 (e.g. SparseGPT's result on the same mask), CG decreases the objective monotonically,
+    so the result is never worse than W0. Stops when every row's residual is below `tol` relative to ‖(W H)_K‖,
+    or after max_iters. Returns (W_new, iterations)."""
+    _check_target(W.shape, None, 0, 0, 1, mask)
+    Wd = W.detach().to(torch.float64)
+    Hd, dead = damp(H.to(Wd.device), percdamp)
+    free = ~mask.to(Wd.device)
+    free[:, dead] = False  # a dead input (never active) is pruned by every method here: its weight is zeroed
+    Wd = Wd.masked_fill(torch.zeros_like(free).index_fill_(1, torch.nonzero(dead).flatten(), True), 0.0)
+    Z = (W0.detach().to(torch.float64).clone() if W0 is not None else Wd.clone()).masked_fill(~free, 0.0)
+    d = Hd.diagonal().clamp_min(1e-30)
+    b = (Wd @ Hd).masked_fill(~free, 0.0)
+    r = b - (Z @ Hd).masked_fill(~free, 0.0)
+    y = r / d
+    p = y.clone()
+    rs = (r * y).sum(1)
+    b_norm = b.norm(dim=1).clamp_min(1e-30)
+    it = 0
+    while it < max_iters and bool((r.norm(dim=1) / b_norm > tol).any()):
+        Ap = (p @ Hd).masked_fill(~free, 0.0)
+        pAp = (p * Ap).sum(1)
+        alpha = torch.where(pAp > 0, rs / pAp.clamp_min(1e-300), torch.zeros_like(rs))
+        Z += alpha.unsqueeze(1) * p
+        r -= alpha.unsqueeze(1) * Ap
+        y = r / d
+        rs_new = (r * y).sum(1)
+        beta = torch.where(rs > 0, rs_new / rs.clamp_min(1e-300), torch.zeros_like(rs))
+        p = y + beta.unsqueeze(1) * p
+        rs = rs_new
+        it += 1
+    return Z.masked_fill(~free, 0.0).to(W.dtype), it

@@ -1,7 +1,7 @@
 """`python -m pruneflow.validate [params.yaml] [--set k=v ...]`: the whole params check, registries included.
 
 Every stage validates the structure of the whole params file at start (pruneflow/params.py). What the method
-and task registries accept (rank.method, rank.<method> options, task.kind) is checked by the stages that use
+and task registries accept (rank.method, rank.<method> options, sparsify.methods and options, task.kind) is checked by the stages that use
 them and here, so `make run` and the Prefect flows fail on any bad key before the first stage runs.
 """
 
@@ -15,9 +15,11 @@ from pruneflow.params import Params, ParamsError, load_params, parse_overrides
 
 def check_all(params: Params) -> Params:
     from pruneflow.methods import check_rank_params
+    from pruneflow.sparsify import check_sparsify_params
     from pruneflow.tasks import get_task
 
     check_rank_params(params.rank)
+    check_sparsify_params(params.sparsify)
     try:
         get_task(params.task.kind)
     except ValueError as err:

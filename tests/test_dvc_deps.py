@@ -12,7 +12,7 @@ from repo_imports import REPO, transitive_files
 
 
 def _stages():
-    for dvc_file in ("dvc.yaml", "sweep/dvc.yaml"):
+    for dvc_file in ("dvc.yaml", "sweep/dvc.yaml", "lm/dvc.yaml"):
         for name, stage in yaml.safe_load((REPO / dvc_file).read_text())["stages"].items():
             yield dvc_file, name, stage
 

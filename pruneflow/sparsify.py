@@ -68,6 +68,7 @@ class SparsityMethod(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: ClassVar[str]
     needs_hessian: ClassVar[bool] = True  # False: only diag H is used (no [in, in] accumulation)
+    needs_calibration: ClassVar[bool] = True  # False: weights only; the walk runs no forward pass at all
 
     def prune(self, W: torch.Tensor, H: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
         """(new weight, prune mask with True = pruned) for one Linear weight W [out, in] and input moments H."""
@@ -89,6 +90,7 @@ class Magnitude(SparsityMethod):
     """|W| per row, no update: the data-free baseline."""
     name: ClassVar[str] = "magnitude"
     needs_hessian: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False
 
     def prune(self, W, H, pattern):
         mask = pattern.mask(sp.magnitude_scores(W))
@@ -313,7 +315,7 @@ def sparsify_model(model: nn.Module, adapter: Adapter, batches: Callable[[], Ite
     masks, patterns, layer_seconds, errors = {}, {}, {}, {}
     blocks = list(adapter.layers())
     t_fwd = time.perf_counter()
-    calls = capture_block_inputs(model, blocks[0], batches())
+    calls = capture_block_inputs(model, blocks[0], batches()) if method.needs_calibration else []
     forward_seconds = time.perf_counter() - t_fwd
     home = next(blocks[0].parameters()).device
     if device is not None:
@@ -326,27 +328,33 @@ def sparsify_model(model: nn.Module, adapter: Adapter, batches: Callable[[], Ite
             if pattern.n and lin.in_features % pattern.m:
                 raise ValueError(f"{name}: {lin.in_features} inputs is not a multiple of {pattern.m} ({pattern.label})")
         t_fwd = time.perf_counter()
-        acc = _Moments(linears, diagonal_only=not method.needs_hessian)
-        with torch.inference_mode():
-            for c in calls:
-                acc.batch(c.attention_mask, c.tokens)
-                block(*c.args, **c.kwargs)
-        moments = acc.result()
+        moments = {}
+        if method.needs_calibration:
+            acc = _Moments(linears, diagonal_only=not method.needs_hessian)
+            with torch.inference_mode():
+                for c in calls:
+                    acc.batch(c.attention_mask, c.tokens)
+                    block(*c.args, **c.kwargs)
+            moments = acc.result()
+            missing = [n for n in linears if n not in moments]
+            if missing:
+                raise ValueError(f"{missing[0]} received no input in its block's forward (is it called as a "
+                                 "module? the architecture's adapter must route its input through a hook)")
         forward_seconds += time.perf_counter() - t_fwd
         for name, lin in linears.items():
             t1 = time.perf_counter()
             W = lin.weight.data
-            H = moments[name].to(W.device)
+            H = moments[name].to(W.device) if name in moments else None
             W_new, pruned = method.prune(W, H, pattern)
             layer_seconds[name] = time.perf_counter() - t1
-            if H.dim() == 2:
+            if H is not None and H.dim() == 2:
                 base = sp.reconstruction_error(W, torch.zeros_like(W), H)
                 errors[name] = sp.reconstruction_error(W, W_new, H) / max(base, 1e-30)
             lin.weight.data.copy_(W_new.to(W.dtype).masked_fill(pruned.to(W.device), 0))
             masks[name] = ~pruned.cpu()
             patterns[name] = pattern.plan_pattern
         t_fwd = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode():  # (no calls when the method needs no calibration)
             calls = [_BlockCall(*c.with_hidden(_hidden_out(block(*c.args, **c.kwargs))), c.attention_mask, c.tokens)
                      for c in calls]
         forward_seconds += time.perf_counter() - t_fwd

@@ -21,7 +21,7 @@ import torch
 from pruneflow.adapters import get_adapter
 from pruneflow.artifacts import write_json
 from pruneflow.cost import make_cost
-from pruneflow.lm_assets import convert_gguf, find_packaged_gguf, lm_quality, read_janeausten, token_windows
+from pruneflow.lm_assets import DenseReference, convert_gguf, find_packaged_gguf, lm_quality, read_janeausten, token_windows
 from pruneflow.params import CorrectParams, RankParams, SelectParams
 from pruneflow.pruning import prune_to_selection
 from pruneflow.ranking import rank_model
@@ -65,8 +65,7 @@ def main() -> None:
     t = time.perf_counter()
     stats = collect_statistics(model, adapter, batches(calib))
     collect_s = time.perf_counter() - t
-    with torch.inference_mode():
-        dense_logits = [model(input_ids=evalw[i:i + args.batch]).logits[:, :-1] for i in range(0, len(evalw), args.batch)]
+    reference = DenseReference(model, evalw, args.batch)
     cost = make_cost("flops", args.length)
     rows = []
     for method in ("activation", "obs"):
@@ -78,8 +77,7 @@ def main() -> None:
         for correction in ("none", "lstsq"):
             p = CorrectParams(method=correction, sequential=False)
             pruned, _, report = prune_to_selection(model, stats, sel, p, "cpu")
-            q = lm_quality(model, pruned, evalw, args.batch,
-                           dense_logits_fn=lambda i, ids: dense_logits[i // args.batch])
+            q = lm_quality(reference, pruned, evalw, args.batch)
             q.pop("window_nll")
             rows.append({"ranking": method, "correction": correction, "flops_ratio": sel["flops_ratio"],
                          "neurons_per_layer": sel["neurons_per_layer"][0], "rank_seconds": round(rank_s, 1), **q})

@@ -126,30 +126,52 @@ def token_windows(tokenizer, texts: list[str], length: int, count: int | None, m
     return torch.tensor(ids[: n * length]).view(n, length)
 
 
-def batch_quality(dense_logits: torch.Tensor, pruned_logits: torch.Tensor, targets: torch.Tensor) -> dict:
+def batch_quality(dense_logp: torch.Tensor, pruned_logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """Sums over the predicted positions of one batch: NLL of both models, top-1 agreements, KL(dense‖pruned);
-    and the pruned model's mean NLL per window (for paired tests between two pruned models)."""
-    d = F.log_softmax(dense_logits.double(), -1)
-    p = F.log_softmax(pruned_logits.double(), -1)
+    and the pruned model's mean NLL per window (for paired tests between two pruned models). `dense_logp` are
+    the dense model's log-probabilities (any float dtype; see DenseReference). Float32 math, float64 sums:
+    float64 over a 49k vocabulary cost more than the forward passes."""
+    d = dense_logp.float()
+    p = F.log_softmax(pruned_logits.float(), -1)
     nll_d = -d.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     nll_p = -p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     kl = (d.exp() * (d - p)).sum(-1)
-    return {"tokens": targets.numel(), "nll_dense": float(nll_d.sum()), "nll_pruned": float(nll_p.sum()),
-            "agree": int((d.argmax(-1) == p.argmax(-1)).sum()), "kl": float(kl.sum()),
-            "window_nll": nll_p.mean(-1).tolist()}
+    return {"tokens": targets.numel(), "nll_dense": float(nll_d.double().sum()), "nll_pruned": float(nll_p.double().sum()),
+            "agree": int((d.argmax(-1) == p.argmax(-1)).sum()), "kl": float(kl.double().sum()),
+            "window_nll": nll_p.double().mean(-1).tolist()}
+
+
+class DenseReference:
+    """The dense model's next-token log-probabilities on the eval windows, computed once and kept in float16
+    (40 x 512 tokens x 49k vocabulary = 2 GB), so every pruned model is compared without re-running the dense
+    one. float16 rounds log p by at most 2⁻¹¹ relative: KL and NLL move by < 1e-3 relative."""
+
+    @torch.inference_mode()
+    def __init__(self, dense_model, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu"):
+        self.batch_size = batch_size
+        self.logp = [F.log_softmax(dense_model(input_ids=windows[i:i + batch_size].to(device)).logits[:, :-1].float(),
+                                   -1).half().cpu()
+                     for i in range(0, len(windows), batch_size)]
+
+    def __call__(self, i: int, ids: torch.Tensor) -> torch.Tensor:
+        return self.logp[i // self.batch_size].to(ids.device)
 
 
 @torch.inference_mode()
-def lm_quality(dense_model, pruned_model, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu",
-               dense_logits_fn=None) -> dict:
+def lm_quality(dense, pruned_model, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu") -> dict:
     """Perplexity of dense and pruned (exp of mean token NLL), next-token top-1 agreement and mean KL(dense ‖
-    pruned) per token over all windows; accumulates sums, never keeps logits."""
+    pruned) per token over all windows; accumulates sums, never keeps the pruned logits. `dense` is the dense
+    model, or a DenseReference of it on the same windows (computed once, shared by many pruned models)."""
+    if not isinstance(dense, DenseReference):
+        model = dense
+        dense = lambda i, ids: F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)  # noqa: E731
+    elif dense.batch_size != batch_size:
+        raise ValueError(f"the dense reference was made with batch_size {dense.batch_size}, not {batch_size}")
     total = {"tokens": 0, "nll_dense": 0.0, "nll_pruned": 0.0, "agree": 0, "kl": 0.0, "window_nll": []}
     for i in range(0, len(windows), batch_size):
         ids = windows[i:i + batch_size].to(device)
-        logits_d = dense_model(input_ids=ids).logits[:, :-1] if dense_logits_fn is None else dense_logits_fn(i, ids)
         logits_p = pruned_model(input_ids=ids).logits[:, :-1]
-        for k, v in batch_quality(logits_d, logits_p, ids[:, 1:]).items():
+        for k, v in batch_quality(dense(i, ids), logits_p, ids[:, 1:]).items():
             total[k] += v
     n = max(total["tokens"], 1)
     return {"perplexity_dense": math.exp(total["nll_dense"] / n), "perplexity_pruned": math.exp(total["nll_pruned"] / n),

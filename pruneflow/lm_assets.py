@@ -144,7 +144,8 @@ def batch_quality(dense_logp: torch.Tensor, pruned_logits: torch.Tensor, targets
 class DenseReference:
     """The dense model's next-token log-probabilities on the eval windows, computed once and kept in float16
     (40 x 512 tokens x 49k vocabulary = 2 GB), so every pruned model is compared without re-running the dense
-    one. float16 rounds log p by at most 2⁻¹¹ relative: KL and NLL move by < 1e-3 relative."""
+    one. float16 rounds log p by at most 2⁻¹¹ relative: perplexity moves by < 1e-3 relative and KL by ~1e-4
+    nats per token at most (tested)."""
 
     @torch.inference_mode()
     def __init__(self, dense_model, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu"):

@@ -111,15 +111,16 @@ def test_sparsify_params_checked_against_the_registry(lm_project, capsys):
 
 def test_dense_reference_matches_running_the_dense_model():
     """Kept once in float16, the dense log-probabilities give the same quality as re-running the dense model
-    (perplexity and KL within 1e-3 relative, agreement exact up to ties)."""
+    (perplexity within 1e-3 relative, KL within 1e-4 nats per token, agreement exact up to ties)."""
     from pruneflow.lm_assets import DenseReference, lm_quality
 
     dense, pruned = tiny_llama(seed=0), tiny_llama(seed=1)
     windows = torch.randint(5, 120, (6, 12), generator=torch.Generator().manual_seed(0))
     direct = lm_quality(dense, pruned, windows, batch_size=4)
     cached = lm_quality(DenseReference(dense, windows, batch_size=4), pruned, windows, batch_size=4)
-    for key in ("perplexity_dense", "perplexity_pruned", "kl_per_token"):
+    for key in ("perplexity_dense", "perplexity_pruned"):
         assert cached[key] == pytest.approx(direct[key], rel=1e-3), key
+    assert cached["kl_per_token"] == pytest.approx(direct["kl_per_token"], abs=1e-4)
     assert abs(cached["next_token_agreement"] - direct["next_token_agreement"]) <= 1 / direct["tokens"]
     assert cached["window_nll"] == pytest.approx(direct["window_nll"], rel=1e-6)
     with pytest.raises(ValueError, match="batch_size"):

@@ -215,6 +215,7 @@ class SparsifyParams(Section):
                                description="registered sparsity methods, all run on the same calibration windows")
     patterns: list[str] = Field(default_factory=lambda: ["50%", "60%", "4:8", "2:4"],
                                 description="unstructured fractions (0.5, 50%) or N:M (2:4: 2 zeros in every 4)")
+    calib_sentences: int = Field(512, ge=1, description="classifier: unlabeled calibration sentences")
     save: str | None = Field("apt@2:4", description="'<method>@<pattern>' saved as a plain checkpoint and in the "
                                                   "compressed-tensors format (data/lm/sparse); null saves none")
 

@@ -175,3 +175,18 @@ def test_sweep_writes_table_csv_and_plot(tmp_path):
     assert "| obs |" in table and "| magnitude+none |" in table
     assert (root / "plots/sweep.png").stat().st_size > 0
     assert (root / "plots/sweep.csv").read_text().startswith("method,budget,flops_ratio")
+
+
+def test_sparsify_classifier_writes_table_and_paired_tests(tmp_path):
+    root = make_tiny_project(tmp_path / "p", {"sparsify": {"methods": ["wanda", "sparsegpt", "apt"],
+                                                           "patterns": ["50%", "2:4"], "calib_sentences": 32,
+                                                           "sparsegpt": {"blocksize": 16}, "apt": {"blocksize": 16}}})
+    run_chain(root, PRUNE_CHAIN[:2] + ["sparsify_classifier"])
+    result = json.loads((root / "metrics/sparse_classifier.json").read_text())
+    assert {(r["method"], r["pattern"]) for r in result["points"]} == {(m, p) for m in ("wanda", "sparsegpt", "apt")
+                                                                       for p in ("50%", "2:4")}
+    assert all(abs(r["density"] - 0.5) < 0.02 and 0 <= r["agreement"] <= 1 for r in result["points"])
+    assert set(result["apt_vs_sparsegpt_mcnemar"]) == {"50%", "2:4"} and result["calibration_sentences"] == 32
+    assert "| apt |" in (root / "plots/sparse_classifier.md").read_text()
+    r = cli(root, "sparsify_classifier", "--set", "sparsify.methods=[obs]")
+    assert r.returncode == 2 and "not registered" in r.stderr and "Traceback" not in r.stderr

@@ -165,6 +165,10 @@ class SweepParams(Section):
                                  "activation+noseq", "magnitude+none"],
         description="rank methods; '<method>+uniform' uses uniform allocation, '+none' etc. picks a correction",
     )
+    baseline: str | None = Field("activation+noseq", description="every other method is compared with this one at "
+                                                                 "each budget by a paired test (McNemar); skipped when "
+                                                                 "it is not among the methods run")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the paired tests")
 
     @field_validator("budgets")
     @classmethod

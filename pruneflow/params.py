@@ -165,6 +165,10 @@ class SweepParams(Section):
                                  "activation+noseq", "magnitude+none"],
         description="rank methods; '<method>+uniform' uses uniform allocation, '+none' etc. picks a correction",
     )
+    baseline: str | None = Field("activation+noseq", description="every other method is compared with this one at "
+                                                                 "each budget by a paired test (McNemar); skipped when "
+                                                                 "it is not among the methods run")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the paired tests")
 
     @field_validator("budgets")
     @classmethod
@@ -215,6 +219,7 @@ class SparsifyParams(Section):
                                description="registered sparsity methods, all run on the same calibration windows")
     patterns: list[str] = Field(default_factory=lambda: ["50%", "60%", "4:8", "2:4"],
                                 description="unstructured fractions (0.5, 50%) or N:M (2:4: 2 zeros in every 4)")
+    calib_sentences: int = Field(512, ge=1, description="classifier: unlabeled calibration sentences")
     save: str | None = Field("apt@2:4", description="'<method>@<pattern>' saved as a plain checkpoint and in the "
                                                   "compressed-tensors format (data/lm/sparse); null saves none")
 

@@ -109,29 +109,68 @@ def run_point(params: Params, layout: Layout, method: str, budget: float) -> dic
     out = ctx.task.predict(torch_runner(pruned_model, ctx.device), ctx.tokenizer, ctx.texts, p.evaluate.batch_size,
                            p.evaluate.max_length)
     q = ctx.task.quality(ctx.dense_out, out, ctx.labels)
+    items = {k: v.tolist() for k, v in ctx.task.item_outcomes(ctx.dense_out, out, ctx.labels).items()}
     return {"method": method, "budget": budget, "flops_ratio": sel["flops_ratio"], **q,
             "heads_per_layer": sel["heads_per_layer"], "neurons_per_layer": sel["neurons_per_layer"],
-            "seconds": round(prune_seconds, 2)}
+            "seconds": round(prune_seconds, 2), ITEMS: items}
+
+
+ITEMS = "_items"  # per eval item outcomes, for the paired tests; not written to the metrics
+
+
+def paired_tests(rows: list[dict], baseline: str | None, alpha: float = 0.05) -> None:
+    """Add `vs_baseline` to every row of a method other than `baseline`: McNemar's exact test on the same eval
+    items, per quality key the task gives items for (accuracy: right/wrong; agreement: agrees/disagrees with
+    dense), with a verdict that calls a difference inside the noise so."""
+    from pruneflow.stats_tests import mcnemar
+
+    base = {r["budget"]: r for r in rows if r["method"] == baseline}
+    for r in rows:
+        b = base.get(r["budget"])
+        if r["method"] == baseline or b is None or ITEMS not in r or ITEMS not in b:
+            continue
+        tests = {}
+        for key, mine in r[ITEMS].items():
+            if key in b[ITEMS]:
+                t = mcnemar(mine, b[ITEMS][key])
+                t["verdict"] = ("within noise" if t["p_value"] >= alpha else
+                                "better" if t["a_only"] > t["b_only"] else "worse")
+                tests[key] = t
+        r["vs_baseline"] = {"baseline": baseline, **tests}
+
+
+def _mark(row: dict, key: str) -> str:
+    t = row.get("vs_baseline", {}).get(key)
+    return "" if t is None else {"better": "▲", "worse": "▼"}.get(t["verdict"], "")
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Accuracy (agreement) per method and budget; dense accuracy in the header."""
+    """Accuracy (agreement) per method and budget; dense accuracy in the header; ▲/▼ where a paired test says
+    the method is better/worse than the baseline at that budget (no mark: within noise)."""
     budgets = sorted({r["budget"] for r in rows}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["budget"]): r for r in rows}
     dense = rows[0]["accuracy_dense"] if rows else float("nan")
     out = io.StringIO()
     out.write(f"Eval accuracy % (agreement with dense %), dense = {100 * dense:.2f}%; columns: FLOP budget\n\n")
+    baseline = next((r["vs_baseline"]["baseline"] for r in rows if "vs_baseline" in r), None)
+    if baseline:
+        out.write(f"▲ / ▼: better / worse than `{baseline}` at the same budget by McNemar's exact test on the same "
+                  "eval sentences (p < alpha); no mark: the difference is within the noise.\n\n")
     out.write("| method | " + " | ".join(f"{b:g}" for b in budgets) + " |\n")
     out.write("|---|" + "---|" * len(budgets) + "\n")
     for m in methods:
-        vals = [f"{100 * cell[(m, b)]['accuracy_pruned']:.2f} ({100 * cell[(m, b)]['agreement']:.1f})"
+        vals = [f"{100 * cell[(m, b)]['accuracy_pruned']:.2f}{_mark(cell[(m, b)], 'accuracy_pruned')} "
+                f"({100 * cell[(m, b)]['agreement']:.1f}{_mark(cell[(m, b)], 'agreement')})"
                 if (m, b) in cell else "–" for b in budgets]
         out.write(f"| {m} | " + " | ".join(vals) + " |\n")
     return out.getvalue()
 
 
 def write_report(rows: list[dict], layout: Layout, params: Params | None = None) -> None:
+    sweep = (params or Params()).sweep
+    paired_tests(rows, sweep.baseline, sweep.alpha)
+    rows = [{k: v for k, v in r.items() if k != ITEMS} for r in rows]
     write_json(layout.metrics / "sweep.json", {"points": rows})
     buf = io.StringIO()
     cols = ["method", "budget", "flops_ratio", "accuracy_pruned", "agreement", "accuracy_dense", "seconds"]

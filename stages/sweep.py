@@ -30,7 +30,7 @@ def run(params: Params, layout: Layout) -> dict:
         rows.append(run_point(params, layout, method, budget))
         log.info("%-22s budget %.2f: acc %.4f agreement %.4f (flops %.3f)", method, budget,
                  rows[-1]["accuracy_pruned"], rows[-1]["agreement"], rows[-1]["flops_ratio"])
-    write_report(rows, layout)
+    write_report(rows, layout, params)
     print(markdown_table(rows))
     return {"points": len(rows)}
 

@@ -171,7 +171,40 @@ def test_sweep_writes_table_csv_and_plot(tmp_path):
     assert {(r["method"], r["budget"]) for r in rows} == {(m, b) for m in ("obs", "activation+noseq", "magnitude+none")
                                                           for b in (0.8, 0.5)}
     assert all(r["flops_ratio"] <= r["budget"] + 1e-9 for r in rows)
+    assert all(r["vs_baseline"]["accuracy_pruned"]["verdict"] in ("better", "worse", "within noise")
+               for r in rows if r["method"] != "activation+noseq") and "_items" not in rows[0]
     table = (root / "plots/sweep.md").read_text()
     assert "| obs |" in table and "| magnitude+none |" in table
     assert (root / "plots/sweep.png").stat().st_size > 0
     assert (root / "plots/sweep.csv").read_text().startswith("method,budget,flops_ratio")
+
+
+def test_sparsify_classifier_writes_table_and_paired_tests(tmp_path):
+    root = make_tiny_project(tmp_path / "p", {"sparsify": {"methods": ["wanda", "sparsegpt", "apt"],
+                                                           "patterns": ["50%", "2:4"], "calib_sentences": 32,
+                                                           "sparsegpt": {"blocksize": 16}, "apt": {"blocksize": 16}}})
+    run_chain(root, PRUNE_CHAIN[:2] + ["sparsify_classifier"])
+    result = json.loads((root / "metrics/sparse_classifier.json").read_text())
+    assert {(r["method"], r["pattern"]) for r in result["points"]} == {(m, p) for m in ("wanda", "sparsegpt", "apt")
+                                                                       for p in ("50%", "2:4")}
+    assert all(abs(r["density"] - 0.5) < 0.02 and 0 <= r["agreement"] <= 1 for r in result["points"])
+    assert set(result["apt_vs_sparsegpt_mcnemar"]) == {"50%", "2:4"} and result["calibration_sentences"] == 32
+    assert "| apt |" in (root / "plots/sparse_classifier.md").read_text()
+    r = cli(root, "sparsify_classifier", "--set", "sparsify.methods=[obs]")
+    assert r.returncode == 2 and "not registered" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sweep_labels_differences_by_a_paired_test(tmp_path):
+    from pruneflow.sweep import paired_tests
+
+    n = 200
+    base = {"accuracy_pruned": [True] * 100 + [False] * 100, "agreement": [True] * 150 + [False] * 50}
+    much_better = {"accuracy_pruned": [True] * 160 + [False] * 40, "agreement": [True] * 151 + [False] * 49}
+    rows = [{"method": "b", "budget": 0.5, "_items": base}, {"method": "m", "budget": 0.5, "_items": much_better},
+            {"method": "m", "budget": 0.4, "_items": much_better}]
+    paired_tests(rows, "b")
+    t = rows[1]["vs_baseline"]
+    assert t["accuracy_pruned"]["verdict"] == "better" and t["accuracy_pruned"]["a_only"] == 60
+    assert t["agreement"]["verdict"] == "within noise"  # one sentence apart
+    assert "vs_baseline" not in rows[0] and "vs_baseline" not in rows[2]  # no baseline point at 0.4
+    assert n == len(base["agreement"])

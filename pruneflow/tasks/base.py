@@ -69,6 +69,11 @@ class Task(ABC):
     def quality(self, dense: np.ndarray, pruned: np.ndarray, labels: list | None) -> dict:
         """Quality metrics of dense vs pruned outputs on the same eval texts."""
 
+    def item_outcomes(self, dense: np.ndarray, pruned: np.ndarray, labels: list | None) -> dict[str, np.ndarray]:
+        """Per eval item, boolean outcomes named as the quality keys they average to (e.g. "accuracy_pruned":
+        pruned right, "agreement": pruned agrees with dense): what paired tests between two pruned models use."""
+        return {}
+
     @abstractmethod
     def export_metadata(self, model: nn.Module) -> dict[str, str]:
         """Key/value strings written into an exported file's metadata."""

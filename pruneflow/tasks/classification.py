@@ -71,6 +71,12 @@ class Classification(Task):
             q["accuracy_drop_points"] = 100 * (q["accuracy_dense"] - q["accuracy_pruned"])
         return q
 
+    def item_outcomes(self, dense, pruned, labels):
+        out = {"agreement": dense.argmax(-1) == pruned.argmax(-1)}
+        if labels is not None:
+            out["accuracy_pruned"] = pruned.argmax(-1) == np.asarray(labels)
+        return out
+
     def export_metadata(self, model):
         import json
 

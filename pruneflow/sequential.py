@@ -1,12 +1,25 @@
 """Sequential correction: refit each pruned layer on the inputs the *pruned* model actually feeds it.
 
 Layer by layer, the calibration batches flow through two streams: the dense model (targets) and the pruned
-model as corrected so far (regressors). For a post-LN sublayer the LayerNorm input is s = r + W a + b, with r
-the residual. We fit the pruned sublayer's (W', b') so that r_pruned + W' a_pruned,K + b' matches s_dense:
-the target t = s_dense − r_pruned also carries the drift of every earlier layer, which this refit absorbs.
+model as corrected so far (regressors). Each sublayer adds W a (+ b) to a residual r; we fit the pruned
+sublayer's (W', b') on its kept activations a_pruned,K so that r_pruned + W' a_pruned,K (+ b') matches the
+dense model at the same point, i.e. to the target t = (dense value) − r_pruned, which also carries the drift of
+every earlier layer and so absorbs it.
+
+- post-LN (BERT, DistilBERT): the point is the LayerNorm input s = r + W a + b; t = s_dense − r_pruned, with
+  r_pruned = s_pruned − (W a_pruned + b). The layer's output is the FFN LayerNorm of the refit sum.
+- pre-norm (Llama, Mistral, Qwen2/3): h' = h + Attn(norm1(h)), out = h' + MLP(norm2(h')). The point is the
+  residual stream after the sublayer: t = h'_dense − h_pruned for attention, out_dense − h'_pruned for the MLP
+  (h'_pruned with the corrected attention). The output projections have no bias, so the fit is
+  intercept-free (correction.fit, uncentered moments). The layer's output is h'_pruned + W' a_pruned,K.
+  Gemma 3 normalises each sublayer's output before the residual add (the stream is not linear in W'): refused.
+
 Attention is refit first, then the FFN sees the corrected attention. Per layer this costs one dense pass, one
-pruned attention-only pass and one pruned pass; the layer's output comes from the FFN pass's captures. Memory:
-two copies of the calibration hidden states plus one layer's kept FFN activations.
+pruned attention-only pass and one pruned pass; the layer's output comes from the FFN pass's captures. Each
+layer gets the call arguments the model gives it (post-LN: layer 0's, the same for every layer; pre-norm: each
+layer's own, captured once with use_cache=False: masks and rotary embeddings can differ per layer type).
+Memory: two copies of the calibration hidden states plus one layer's targets and kept FFN activations. With
+offload=True only the layer being refit sits on `device` (plus embeddings); the other layers stay on the CPU.
 """
 
 from __future__ import annotations
@@ -45,6 +58,74 @@ def _layer_inputs(model, adapter: Adapter, batches) -> list[tuple[torch.Tensor, 
     finally:
         handle.remove()
     return out
+
+
+def _decoder_inputs(model, adapter: Adapter, batches) -> tuple[list, list[list[tuple[tuple, dict]]]]:
+    """Per batch: (hidden, args, kwargs, token mask) entering layer 0, and every layer's own (args, kwargs).
+    Each layer's forward is swapped for a recorder that passes the hidden states through, so no layer runs."""
+    layers, calls = adapter.layers(), []
+
+    def recorder(i):
+        def forward(*args, **kwargs):
+            h = args[0] if args else kwargs.pop("hidden_states")
+            if kwargs.get("past_key_values") is not None:
+                raise RuntimeError("sequential correction: the model passed a KV cache to its layers although "
+                                   "use_cache=False; it would be reused across passes")
+            calls.append((h, args[1:], kwargs))
+            if i == len(layers) - 1:
+                raise _Stop
+            return h
+        return forward
+
+    saved = [L.__dict__.get("forward") for L in layers]  # an instance-level forward (accelerate hooks) is kept
+    for i, L in enumerate(layers):
+        L.forward = recorder(i)
+    streams, per_layer = [], []
+    try:
+        for enc in batches:
+            calls.clear()
+            try:
+                model(**enc, use_cache=False)
+            except _Stop:
+                pass
+            if len(calls) != len(layers):
+                raise RuntimeError(f"sequential correction: captured {len(calls)} layer calls, expected {len(layers)}")
+            h, args, kwargs = calls[0]
+            streams.append((h, args, kwargs, enc["attention_mask"].reshape(-1).bool()))
+            per_layer.append([(a, k) for _, a, k in calls])
+    finally:
+        for L, f in zip(layers, saved):
+            del L.forward
+            if f is not None:
+                L.forward = f
+    return streams, per_layer
+
+
+def _place(model, adapter: Adapter, device: str, offload: bool) -> None:
+    """Everything on `device`; with offload, everything but the layers (each layer moves when it is refit)."""
+    if not offload:
+        model.to(device)
+        return
+    in_layers = set(adapter.layers().modules())
+    for m in model.modules():
+        if m not in in_layers:
+            m._apply(lambda t: t.to(device), recurse=False)
+
+
+class _on:
+    """With offload, move one layer to `device` for the duration, and back to the CPU after."""
+
+    def __init__(self, layer, device: str, offload: bool):
+        self.layer, self.device, self.offload = layer, device, offload
+
+    def __enter__(self):
+        if self.offload:
+            self.layer.to(self.device)
+        return self.layer
+
+    def __exit__(self, *exc):
+        if self.offload:
+            self.layer.to("cpu")
 
 
 class _Capture:
@@ -98,37 +179,53 @@ def _produce(adapter: Adapter, i: int, name: str, out, x: torch.Tensor, like: to
 
 class DenseTrace:
     """The dense model's side of the sequential correction: the calibration batches entering layer 0 and, per
-    layer, the LayerNorm inputs of both sublayers (the targets). Computed layer by layer on demand; with
-    keep=True the targets are kept so several pruned models (a sweep) share one dense pass."""
+    layer, the dense values each sublayer's refit aims at (post-LN: the LayerNorm inputs; pre-norm: the residual
+    stream after each sublayer). Computed layer by layer on demand; with keep=True the targets are kept so
+    several pruned models (a sweep) share one dense pass."""
 
     def __init__(self, dense_model, tokenizer, texts: list[str], batch_size: int, max_length: int, device: str,
-                 keep: bool = False):
+                 keep: bool = False, offload: bool = False):
         self.adapter = get_adapter(dense_model)
-        if not self.adapter.post_norm:
-            raise ValueError(f"correct.sequential needs a post-LayerNorm architecture; {self.adapter.family} is "
-                             "not one yet (set correct.sequential=false)")
-        dense_model.to(device)
-        self.streams = _layer_inputs(dense_model, self.adapter,
-                                     tokenized_batches(tokenizer, texts, batch_size, max_length, device))
-        self.keep = keep
+        if self.adapter.sublayer_out_norm:
+            raise ValueError(f"correct.sequential does not support {self.adapter.family}: its sublayer outputs pass "
+                             "through their own norms before the residual add, so the refit target is not linear "
+                             "in the output projection (set correct.sequential=false)")
+        self.device, self.offload, self.keep = device, offload, keep
+        _place(dense_model, self.adapter, device, offload)
+        batches = tokenized_batches(tokenizer, texts, batch_size, max_length, device)
+        if self.adapter.post_norm:
+            self.streams, self._calls = _layer_inputs(dense_model, self.adapter, batches), None
+        else:
+            self.streams, self._calls = _decoder_inputs(dense_model, self.adapter, batches)
         self._hidden = [s[0] for s in self.streams]
         self._targets: dict[int, dict[str, list[torch.Tensor]]] = {}
         self._next = 0
 
+    def call(self, i: int, b: int) -> tuple[tuple, dict]:
+        """The (args, kwargs) layer i gets on batch b, besides the hidden states."""
+        if self._calls is None:  # post-LN: every layer gets layer 0's
+            return self.streams[b][1], self.streams[b][2]
+        return self._calls[b][i]
+
     @torch.inference_mode()
     def targets(self, i: int) -> dict[str, list[torch.Tensor]]:
-        """LayerNorm inputs of layer i's attention and FFN on the dense stream, per batch."""
+        """Per batch, for layer i's attention and FFN: the LayerNorm inputs on the dense stream (post-LN), or
+        the residual stream after the sublayer (pre-norm: the FFN's norm input and the layer output)."""
         if i in self._targets:
             return self._targets[i]
         if i != self._next:
             raise RuntimeError(f"dense targets are produced in layer order (asked {i}, next {self._next})")
         out = {"attn": [], "ffn": []}
-        for b, (_, args, kwargs, _) in enumerate(self.streams):
-            with _Capture({n: self.adapter.norm(i, n) for n in SUBLAYERS}) as cap:
-                h_next = self.adapter.layers()[i](self._hidden[b], *args, **kwargs)
-            for n in SUBLAYERS:
-                out[n].append(cap.values[n])
-            self._hidden[b] = h_next[0] if isinstance(h_next, tuple) else h_next
+        ad = self.adapter
+        watch = ({n: ad.norm(i, n) for n in SUBLAYERS} if ad.post_norm else {"attn": ad.residual_norm(i, "ffn")})
+        with _on(ad.layers()[i], self.device, self.offload) as layer:
+            for b in range(len(self.streams)):
+                args, kwargs = self.call(i, b)
+                with _Capture(watch) as cap:
+                    h_next = layer(self._hidden[b], *args, **kwargs)
+                self._hidden[b] = h_next[0] if isinstance(h_next, tuple) else h_next
+                for n in SUBLAYERS:
+                    out[n].append(cap.values[n] if n in cap.values else self._hidden[b])
         self._next += 1
         if self.keep:
             self._targets[i] = out
@@ -139,42 +236,58 @@ class DenseTrace:
 def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrace, device: str) -> list[dict]:
     """Refit every pruned layer in order against the dense model's `trace` (see the module docstring)."""
     pruned = get_adapter(pruned_model)
-    pruned_model.to(device)
+    post = pruned.post_norm
+    offload = trace.offload
+    if offload:
+        pruned_model.to("cpu")
+    else:
+        pruned_model.to(device)
     streams = trace.streams
     h_pruned = [s[0].clone() for s in streams]
     report = []
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
-        s_dense = trace.targets(i)
-        for name in SUBLAYERS:
-            out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
-            # The attention pass can stop where the FFN starts; the FFN pass's captures give the layer output.
-            stop_at = pruned.ffn_in(i)[0] if name == "attn" and not pruned.empty(i, "ffn") else None
-            acc, kept = Accumulator(), []
-            for b, (_, args, kwargs, mask) in enumerate(streams):
-                with _Capture({"x": out, "s": pruned.norm(i, name)}) as cap, _stop_before(stop_at):
-                    try:
-                        pruned.layers()[i](h_pruned[b], *args, **kwargs)
-                    except _Stop:
-                        pass
-                s = cap.values["s"]
-                x = cap.values["x"] if out is not None else s[..., :0]
-                residual = s - _produce(pruned, i, name, out, x, s)
-                t = s_dense[name][b] - residual  # dense LayerNorm input minus the pruned residual
-                acc.add(x.flatten(0, -2)[mask], t.flatten(0, -2)[mask])
-                if name == "ffn":
-                    kept.append((x, residual))
-            m = acc.moments()
-            if out is None:
-                W_K, b = m.cov_tx, None  # (d, 0): only the mean output remains
-                W_new, b_new = W_K, m.mean_t
-            else:
-                W_K, b = out.weight.detach(), (out.bias.detach() if out.bias is not None else None)
-                W_new, b_new = correction.fit(method, m, W_K, b, ridge, intercept=b is not None)
-            report.append(correction.fit_report(i, name, m, W_K, b, W_new, b_new, None))
-            correction.write_fit(pruned, i, name, W_new, b_new)
-        norm = pruned.norm(i, "ffn")  # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
-        out = None if pruned.empty(i, "ffn") else pruned.out_proj(i, "ffn")
-        for b, (x, residual) in enumerate(kept):
-            h_pruned[b] = norm(_produce(pruned, i, "ffn", out, x, residual) + residual)
+        target = trace.targets(i)
+        with _on(pruned.layers()[i], device, offload) as layer:
+            for name in SUBLAYERS:
+                out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
+                # The attention pass can stop where the FFN starts; the FFN pass's captures give the layer output.
+                stop_at = pruned.ffn_in(i)[0] if name == "attn" and not pruned.empty(i, "ffn") else None
+                # post-LN: the LayerNorm input s (residual = s − this sublayer's output); pre-norm: the residual
+                # stream entering the sublayer, as the norm in front of it reads it.
+                watch = {"x": out} | ({"s": pruned.norm(i, name)} if post else {"r": pruned.residual_norm(i, name)})
+                acc, kept = Accumulator(), []
+                for b in range(len(streams)):
+                    args, kwargs = trace.call(i, b)
+                    mask = streams[b][3]
+                    with _Capture(watch) as cap, _stop_before(stop_at):
+                        try:
+                            layer(h_pruned[b], *args, **kwargs)
+                        except _Stop:
+                            pass
+                    if post:
+                        s = cap.values["s"]
+                        x = cap.values["x"] if out is not None else s[..., :0]
+                        residual = s - _produce(pruned, i, name, out, x, s)
+                    else:
+                        residual = cap.values["r"]
+                        x = cap.values["x"] if out is not None else residual[..., :0]
+                    t = target[name][b] - residual  # the dense value minus the pruned residual
+                    acc.add(x.flatten(0, -2)[mask], t.flatten(0, -2)[mask])
+                    if name == "ffn":
+                        kept.append((x, residual))
+                m = acc.moments()
+                if out is None:
+                    W_K, b = m.cov_tx, None  # (d, 0): only the mean output remains
+                    W_new, b_new = W_K, m.mean_t
+                else:
+                    W_K, b = out.weight.detach(), (out.bias.detach() if out.bias is not None else None)
+                    W_new, b_new = correction.fit(method, m, W_K, b, ridge, intercept=b is not None)
+                report.append(correction.fit_report(i, name, m, W_K, b, W_new, b_new, None))
+                correction.write_fit(pruned, i, name, W_new, b_new)
+            out = None if pruned.empty(i, "ffn") else pruned.out_proj(i, "ffn")
+            for b, (x, residual) in enumerate(kept):
+                h = _produce(pruned, i, "ffn", out, x, residual) + residual
+                # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
+                h_pruned[b] = pruned.norm(i, "ffn")(h) if post else h
         _after_layer(i, h_pruned)
     return report

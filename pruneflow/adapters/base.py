@@ -136,6 +136,10 @@ class Adapter(BlockAdapter):
     structured: ClassVar[bool] = True
     ffn_in_names: ClassVar[tuple[str, ...]]  # the FFN input projections (their count enters the MAC formula)
     post_norm: ClassVar[bool]  # post-LN residual (BERT): a sublayer's output is normalised with the residual
+    # Pre-norm families whose sublayer output passes through its own norm before the residual add (Gemma 3's
+    # post_attention_layernorm / post_feedforward_layernorm): the residual stream is not linear in the output
+    # projection there, which the sequential refit needs.
+    sublayer_out_norm: ClassVar[bool] = False
 
     # --- where things are: every family implements these (and `layers`) --------------------------------
     @abstractmethod
@@ -176,6 +180,11 @@ class Adapter(BlockAdapter):
 
     def norm(self, i: int, name: str) -> nn.Module | None:
         """Post-LN families: the LayerNorm whose input is residual + this sublayer's output (None: pre-LN)."""
+        return None
+
+    def residual_norm(self, i: int, name: str) -> nn.Module | None:
+        """Pre-norm families: the norm that reads the residual stream entering this sublayer, so its input *is*
+        that stream (None: post-LN)."""
         return None
 
     # --- by sublayer name ("attn" | "ffn") --------------------------------------------------------------

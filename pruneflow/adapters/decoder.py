@@ -28,6 +28,10 @@ class DecoderAdapter(Adapter):
 
     def ffn_out(self, i): return self.layers()[i].mlp.down_proj
 
+    def residual_norm(self, i, name):
+        L = self.layers()[i]
+        return L.input_layernorm if name == "attn" else L.post_attention_layernorm
+
     def constant(self, i, name):
         m = self.layers()[i].self_attn if name == "attn" else self.layers()[i].mlp
         return m if isinstance(m, ConstantSublayer) else None

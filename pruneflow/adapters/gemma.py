@@ -13,3 +13,8 @@ from pruneflow.adapters.registry import register
 class Gemma3Adapter(DecoderAdapter):
     family = "gemma3"
     model_types = ("gemma3_text",)
+    sublayer_out_norm = True
+
+    def residual_norm(self, i, name):  # Gemma's post_attention_layernorm normalises the attention output
+        L = self.layers()[i]
+        return L.input_layernorm if name == "attn" else L.pre_feedforward_layernorm

@@ -134,3 +134,41 @@ def test_mixed_or_other_nm_patterns_use_the_general_bitmask():
     for patterns in ({names[0]: "2:4", names[1]: "unstructured"}, dict.fromkeys(names, "4:8")):
         cfg = sparsity_config(model, Plan(masks=masks, patterns=patterns))
         assert (cfg.format, cfg.sparsity_structure) == ("sparse-bitmask", "unstructured")
+
+
+def test_sparse_models_export_to_onnx_with_parity(tmp_path):
+    """Weight-sparse models are ordinary models with zeros: the decoder exports with its KV cache and generates
+    the same 32 greedy tokens in onnxruntime as in PyTorch; the classifier exports with logit parity."""
+    import numpy as np
+
+    from pruneflow.adapters import get_adapter
+    from pruneflow.onnx_decoder import decoder_session, export_decoder_onnx, greedy_generate_onnx, greedy_generate_torch
+    from pruneflow.onnx_io import export_onnx, make_session, max_abs_diff, ort_logits, torch_logits
+    from pruneflow.sparsify import Pattern, sparsify_model, sparsity_method
+    from tiny import tiny_bert, tiny_inputs, tiny_llama
+
+    def batches():
+        return [tiny_inputs(batch=3, seq=10, seed=s) for s in (1, 2)]
+
+    llm = tiny_llama().eval()
+    with torch.no_grad():  # untied, larger weights: a default-init tiny LM just repeats its last token
+        for p in llm.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    sparsify_model(llm, get_adapter(llm), batches, sparsity_method("apt", {"blocksize": 16}), Pattern.parse("2:4"))
+    export_decoder_onnx(llm, tmp_path / "lm.onnx")
+    session = decoder_session(tmp_path / "lm.onnx", "cpu")
+    ids = np.array([[0, 0, 0, 0, 7, 9, 11, 13, 15], [3, 5, 8, 13, 21, 34, 55, 89, 44]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    mask[1] = 1
+    got = greedy_generate_onnx(session, ids, mask, 32)
+    assert np.array_equal(got, greedy_generate_torch(llm, ids, mask, 32)) and len(set(got.ravel())) > 2
+
+    clf = tiny_bert().eval()
+    sparsify_model(clf, get_adapter(clf), batches, sparsity_method("sparsegpt", {"blocksize": 16}), Pattern.parse("0.5"))
+    sample = {k: v.numpy() for k, v in tiny_inputs().items()}
+    export_onnx(clf, tmp_path / "clf.onnx", sample, 18)
+    batch = {k: v.numpy() for k, v in tiny_inputs(batch=4, seq=7, seed=5).items()}
+    diff = max_abs_diff(torch_logits(clf, batch), ort_logits(make_session(tmp_path / "clf.onnx"), batch),
+                        batch["attention_mask"])
+    assert diff < 1e-4

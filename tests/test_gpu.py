@@ -1,0 +1,74 @@
+"""The GPU path, run where CUDA exists (a lent GPU machine), skipped elsewhere: the sparsity walk with only the
+current block on the device, and the sequential refit with offload, match the CPU results; at most one block's
+weights sit on the device at any time."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pruneflow.adapters import get_adapter
+from pruneflow.sparsify import Pattern, sparsify_model, sparsity_method
+from tiny import tiny_inputs, tiny_llama
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def batches():
+    return [tiny_inputs(batch=3, seq=10, seed=s) for s in (1, 2)]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "apt"])
+def test_sparsify_one_block_on_the_device_matches_cpu(method):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu_model, gpu_model = tiny_llama(layers=3), tiny_llama(layers=3)
+    adapter = get_adapter(gpu_model)
+    resident = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: resident.append(
+        sum(any(p.is_cuda for p in blk.parameters()) for blk in adapter.layers()))) for b in adapter.layers()]
+    opts = {"blocksize": 16} if method != "wanda" else {}
+    ref = sparsify_model(cpu_model, get_adapter(cpu_model), batches, sparsity_method(method, opts), Pattern.parse("2:4"))
+    got = sparsify_model(gpu_model, adapter, batches, sparsity_method(method, opts), Pattern.parse("2:4"), device="cuda")
+    for h in hooks:
+        h.remove()
+    assert resident and max(resident) == 1  # only the block being pruned is on the device
+    assert all(not p.is_cuda for p in gpu_model.parameters())  # everything back where it was
+    same = sum(int((ref.plan.masks[n] == got.plan.masks[n]).sum()) for n in ref.plan.masks)
+    total = sum(m.numel() for m in ref.plan.masks.values())
+    assert same / total > 0.99  # float rounding may flip a near-tie
+    enc = tiny_inputs()
+    with torch.inference_mode():
+        a, b = cpu_model(**enc).logits, gpu_model(**enc).logits
+    assert torch.allclose(a, b, atol=2e-3, rtol=1e-2)
+
+
+def test_sequential_refit_with_offload_on_cuda_matches_cpu():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    from pruneflow.plan import Plan
+    from pruneflow.sequential import DenseTrace, correct_sequential
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer_for_tests(tiny_tokenizer)
+    dense = tiny_llama(layers=3)
+    ad = get_adapter(dense)
+    keep_heads = [list(range(ad.group, 2 * ad.group))] * ad.num_layers
+    keep_neurons = [list(range(0, ad.dense_neurons, 2))] * ad.num_layers
+    texts = ["the film was good and the story was fun"] * 6 + ["a dull slow plot"] * 6
+    results = []
+    for device, offload in (("cpu", False), ("cuda", True)):
+        pruned = Plan(keep_heads, keep_neurons).apply(copy.deepcopy(dense))
+        trace = DenseTrace(copy.deepcopy(dense), tok, texts, 4, 16, device, offload=offload)
+        correct_sequential(pruned, "lstsq", 1e-3, trace, device)
+        results.append({k: v.detach().cpu() for k, v in pruned.state_dict().items()})
+    for k, v in results[0].items():
+        assert torch.allclose(v, results[1][k], atol=1e-3, rtol=1e-3), k
+
+
+def tiny_tokenizer_for_tests(factory):
+    import tempfile
+    from pathlib import Path
+
+    return factory(Path(tempfile.mkdtemp()) / "vocab")

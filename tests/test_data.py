@@ -104,3 +104,12 @@ def test_prepare_records_label_names_for_finetune(tmp_path):
     from stages.finetune import label_names
 
     assert label_names(Layout(tmp_path), []) == {0: "neg", 1: "pos"}
+
+
+def test_tiny_tokenizer_knows_its_words(tmp_path):
+    """The fixture every pipeline test tokenizes with: real ids, not [UNK] for every word."""
+    from tiny import WORDS, tiny_tokenizer
+
+    tok = tiny_tokenizer(tmp_path / "vocab")
+    ids = tok(" ".join(WORDS[:5]))["input_ids"]
+    assert tok.unk_token_id not in ids and len(set(ids)) == 7

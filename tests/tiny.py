@@ -92,4 +92,5 @@ def tiny_tokenizer(directory: Path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", *WORDS]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    # `vocab=` (a path): transformers 5 ignores `vocab_file=` here, and every word then becomes [UNK].
+    return BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True)

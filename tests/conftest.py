@@ -91,3 +91,15 @@ def project_env() -> dict:
 @pytest.fixture
 def tiny_project(tmp_path) -> Path:
     return make_tiny_project(tmp_path / "project")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: thread start-up costs more than the work, and the CPU is shared. Use it per module with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,12 +30,7 @@ STRUCTURED_ERROR = ("mamba supports weight sparsity \\(sparsify\\) only; structu
                     "and FFN neurons")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def token_batch(seed: int, batch: int = 3, seq: int = 12) -> dict[str, torch.Tensor]:

@@ -41,12 +41,7 @@ def factory(family: str):
 MAX_LEN = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def texts(n: int, seed: int) -> list[str]:

@@ -18,12 +18,7 @@ from pruneflow.sparsify import Pattern, sparsify_model, sparsity_method
 from tiny import tiny_inputs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def wide_llama(seed: int = 0):

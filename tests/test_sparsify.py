@@ -16,12 +16,7 @@ from pruneflow.sparsify import (SPARSITY_METHODS, Pattern, SparsityMethod, block
 from tiny import tiny_bert, tiny_inputs, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches():

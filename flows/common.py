@@ -288,12 +288,13 @@ def checkout_lock(project_dir: str | Path, what: str, logger=None, poll_seconds:
 
 
 def run_experiment(project_dir: str, name: str, overrides: dict[str, Any] | None, params_file: str = "params.yaml",
-                   logger=None) -> dict[str, str]:
+                   logger=None, target: str | None = None) -> dict[str, str]:
     """`dvc exp run --temp -n <name> -S ...`: the whole pipeline in a temporary workspace (the checkout's
     params.yaml, metrics and outputs are untouched), kept as experiment `name`. DVC's run cache still decides
     what is stale: stages whose code, deps and params match an earlier run are restored, not recomputed.
-    Returns each stage's status; raises StageError with the failing stage's own message."""
-    args = ["exp", "run", "--temp", "-n", name, *set_params_args(overrides, params_file)]
+    Returns each stage's status; raises StageError with the failing stage's own message. target: another
+    pipeline's dvc.yaml (e.g. lm/dvc.yaml); None runs the project's dvc.yaml."""
+    args = ["exp", "run", "--temp", "-n", name, *set_params_args(overrides, params_file), *([target] if target else [])]
     returncode, lines = run_dvc(args, project_dir, logger, tail=2000)
     statuses = experiment_statuses(lines)
     if returncode != 0:
@@ -313,12 +314,13 @@ def experiment_ref(project_dir: str | Path, name: str) -> str:
     return found[-1]
 
 
-def experiment_file_reader(project_dir: str | Path, name: str):
-    """read(rel) -> the JSON file `rel` as committed in experiment `name`, or None where it has none."""
+def experiment_file_reader(project_dir: str | Path, name: str, parse=json.loads):
+    """read(rel) -> the file `rel` as committed in experiment `name` (parsed as JSON, or by `parse`; str for the
+    text itself), or None where it has none."""
     ref = experiment_ref(project_dir, name)
 
     def read(rel: str):
         shown = subprocess.run(["git", "show", f"{ref}:{rel}"], cwd=project_dir, capture_output=True, text=True)
-        return json.loads(shown.stdout) if shown.returncode == 0 else None
+        return parse(shown.stdout) if shown.returncode == 0 else None
 
     return read

@@ -2,6 +2,7 @@
 
     python -m flows.pipeline                                  # default params, temporary local Prefect server
     python -m flows.pipeline --set select.budget=0.4 --set rank.method=magnitude
+    python -m flows.pipeline --pipeline lm --set 'sparsify.patterns=["2:4"]'   # the LM pipeline (lm/dvc.yaml)
 
 A run validates its overrides with the whole params file (and the method/task registries) before anything
 runs, then executes `dvc exp run --temp -n <flow run name> -S key=value ...`: DVC copies the committed
@@ -44,6 +45,8 @@ from pruneflow.report import results_markdown, results_table
 
 RESULTS_ARTIFACT_KEY = "pruneflow-results"
 EXPERIMENT_RETRIES = 2
+# pipeline name -> (its dvc.yaml, None = the project's own; the table its last stage writes, None = report.py's)
+PIPELINES = {"default": (None, None), "lm": ("lm/dvc.yaml", "plots/sparse_lm.md")}
 
 
 # No retries: a params error is the user's to fix, and it must stop the flow before any stage runs.
@@ -54,11 +57,12 @@ def apply_params(project_dir: str, params_file: str, overrides: dict[str, Any] |
 
 @task(name="dvc-exp-run", cache_policy=NO_CACHE, retries=EXPERIMENT_RETRIES, retry_delay_seconds=RETRY_DELAY_SECONDS,
       retry_condition_fn=retry_if_transient)
-def experiment_task(project_dir: str, name: str, overrides: dict[str, Any] | None, params_file: str) -> dict[str, str]:
+def experiment_task(project_dir: str, name: str, overrides: dict[str, Any] | None, params_file: str,
+                    target: str | None = None) -> dict[str, str]:
     """The stages, as one DVC experiment in a temporary workspace; a failure names the stage that failed."""
     logger = get_run_logger()
     with checkout_lock(project_dir, f"experiment {name}", logger):
-        statuses = run_experiment(project_dir, name, overrides, params_file, logger)
+        statuses = run_experiment(project_dir, name, overrides, params_file, logger, target)
     logger.info("experiment %s: %s", name, ", ".join(f"{s} {st}" for s, st in statuses.items()))
     return statuses
 
@@ -69,7 +73,7 @@ def experiment_task(project_dir: str, name: str, overrides: dict[str, Any] | Non
 @flow(name="prune-pipeline")
 def prune_pipeline(project_dir: str = ".", params_file: str = "params.yaml",
                    overrides: dict[str, Any] | None = None, dvc_remote: str | None = None,
-                   experiment: str | None = None) -> dict[str, Any]:
+                   experiment: str | None = None, pipeline: str = "default") -> dict[str, Any]:
     """Run the DVC pipeline of project_dir as one experiment named after this flow run; publish the results.
 
     overrides: dotted params, e.g. {"select.budget": 0.4, "rank.method": "magnitude"}; validated with the whole
@@ -77,22 +81,34 @@ def prune_pipeline(project_dir: str = ".", params_file: str = "params.yaml",
     dvc_remote: a DVC remote name; when set, `dvc pull` before and `dvc push` after (outputs and run cache),
     so several workers on one pool share results instead of recomputing them.
     experiment: the experiment's name (default: this flow run's name).
+    pipeline: which DVC pipeline: "default" (dvc.yaml, the classifier) or "lm" (lm/dvc.yaml: weight sparsity on
+    the causal LM); the same flow, params file and experiment mechanics either way.
     Returns the results table as a dict (None where a stage has not run), each stage's status and the
     experiment's name.
     """
     logger = get_run_logger()
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline {pipeline!r}: choose one of {', '.join(PIPELINES)}")
+    target, table_file = PIPELINES[pipeline]
     project = str(Path(project_dir).resolve())
     params = apply_params(project, params_file, overrides)
     name = experiment_name(experiment or flow_run.get_name() or "run")
     if dvc_remote:
         dvc_pull(project, "pull", dvc_remote)
-    statuses = experiment_task(project, name, overrides, params_file)
+    statuses = experiment_task(project, name, overrides, params_file, target)
     if dvc_remote:
         dvc_push(project, "push", dvc_remote)
-    results = results_table(project, params, experiment_file_reader(project, name))
-    markdown = results_markdown(results, statuses, name)
+    if table_file is None:
+        results = results_table(project, params, experiment_file_reader(project, name))
+        markdown = results_markdown(results, statuses, name)
+    else:
+        table = experiment_file_reader(project, name, parse=str)(table_file)
+        results = {"budget": None, "table": table}
+        markdown = (f"## pruneflow results ({pipeline} pipeline), experiment {name}\n\n"
+                    + (table or f"({table_file} was not written)") + "\n\nstages: "
+                    + ", ".join(f"{s} {st}" for s, st in statuses.items()))
     create_markdown_artifact(markdown=markdown, key=RESULTS_ARTIFACT_KEY,
-                             description=f"pruneflow results, experiment {name}, budget {results['budget']}, {project}")
+                             description=f"pruneflow results ({pipeline}), experiment {name}, budget {results['budget']}, {project}")
     logger.info("\n%s", markdown)
     return results | {"stages": statuses, "experiment": name, "markdown": markdown}
 
@@ -105,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a param for this run only, e.g. --set select.budget=0.4")
     parser.add_argument("--dvc-remote", default=None, help="dvc pull before / dvc push after, with this remote")
     parser.add_argument("--experiment", default=None, help="experiment name (default: the flow run's name)")
+    parser.add_argument("--pipeline", default="default", choices=sorted(PIPELINES),
+                        help="default: dvc.yaml (the classifier); lm: lm/dvc.yaml (weight sparsity on the causal LM)")
     args = parser.parse_args(argv)
     try:
         results = prune_pipeline(project_dir=args.project_dir, params_file=args.params,
                                  overrides=parse_set(args.overrides) or None, dvc_remote=args.dvc_remote,
-                                 experiment=args.experiment)
+                                 experiment=args.experiment, pipeline=args.pipeline)
     except (ParamsError, StageError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"[flow] error: {err}", file=sys.stderr)  # the log above has the details
         return USER_ERROR_EXIT

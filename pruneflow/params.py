@@ -7,6 +7,7 @@ dvc.yaml lists exactly those sections as the stage's params, so a change re-runs
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ParamsError(ValueError):
     """A params.yaml problem, phrased so the user knows which key to change."""
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 integers, as YAML 1.2 (and DVC's ruamel) reads them: an
+    N:M pattern such as 2:4 stays the string "2:4". PyYAML alone reads it as 124, and DVC writes a value set by
+    `dvc exp run -S 'sparsify.patterns=["2:4"]'` (what the Prefect flows do) back unquoted."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class Section(BaseModel):
@@ -295,7 +315,7 @@ def validate_params(raw: dict[str, Any] | None, source: str = "params") -> Param
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys (e.g. {"select.budget": 0.5}) in a copy of a raw params dict."""
-    out = yaml.safe_load(yaml.safe_dump(raw or {}))
+    out = load_yaml(yaml.safe_dump(raw or {}))
     for dotted, value in overrides.items():
         node = out
         *parents, leaf = dotted.split(".")
@@ -314,7 +334,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ParamsError(f"--set {item!r}: expected key=value, e.g. --set select.budget=0.4")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = load_yaml(value)
     return out
 
 
@@ -322,7 +342,7 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: params file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     return raw

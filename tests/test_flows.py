@@ -34,10 +34,10 @@ STAGES = ["prepare", "collect", "select", "evaluate", "export", "benchmark"]
 # count real executions, and fails like a real stage (`[stage] error: ...`, exit 2) on a param it rejects.
 FAKE_STAGE = '''
 import json, os, pathlib, sys
-import yaml
+from ruamel.yaml import YAML
 
 name = sys.argv[1]
-params = yaml.safe_load(open("params.yaml")) or {}
+params = YAML(typ="safe").load(open("params.yaml")) or {}  # YAML 1.2, as pruneflow reads it: 2:4 is "2:4"
 budget = params.get("select", {}).get("budget", 0.5)
 with open(os.environ["FAKE_ATTEMPTS_LOG"], "a") as f:  # outside the (temporary) workspace
     f.write(name + "\\n")
@@ -65,6 +65,11 @@ elif name == "export":
     dump("data/onnx/dense.onnx", "onnx")
     dump("data/onnx/pruned.onnx", f"onnx pruned to {budget}")
     dump("metrics/export.json", {"files": {"dense": "data/onnx/dense.onnx", "pruned": "data/onnx/pruned.onnx"}})
+elif name == "sparsify_lm":
+    patterns = params.get("sparsify", {}).get("patterns", ["50%"])
+    dump("metrics/sparse_lm.json", {"points": [{"method": "apt", "pattern": p} for p in patterns]})
+    pathlib.Path("plots").mkdir(exist_ok=True)
+    pathlib.Path("plots/sparse_lm.md").write_text("| method | " + " | ".join(patterns) + " |\\n")
 elif name == "benchmark":
     dump("metrics/latency.json", {"provider": "CPUExecutionProvider", "threads": 1, "ort_ms_dense": 10.0,
          "ort_ms_pruned": 6.0, "torch_ms_dense": 12.0, "torch_ms_pruned": 8.0, "speedup_ort": 10 / 6,
@@ -115,6 +120,8 @@ collect:
   max_samples: null
 select:
   budget: 0.5   # fraction of dense FLOPs
+sparsify:
+  patterns: ["50%"]
 """
 
 
@@ -129,11 +136,27 @@ def prefect_server():
 GIT = ["git", "-c", "user.name=pruneflow-test", "-c", "user.email=test@pruneflow.invalid"]
 
 
+LM_DVC_YAML = """
+stages:
+  sparsify_lm:
+    wdir: ..
+    cmd: python fake_stage.py sparsify_lm
+    deps: [fake_stage.py]
+    params: [sparsify]
+    metrics:
+      - metrics/sparse_lm.json: {cache: false}
+    outs:
+      - plots/sparse_lm.md: {cache: false}
+"""
+
+
 def make_project(root: Path) -> Path:
     """git init + dvc init (analytics off) + the fake stages, committed (experiments need a commit)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "fake_stage.py").write_text(FAKE_STAGE)
     (root / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
+    (root / "lm").mkdir()
+    (root / "lm/dvc.yaml").write_text(textwrap.dedent(LM_DVC_YAML))
     (root / "params.yaml").write_text(PARAMS_YAML)
     dvc = [sys.executable, "-m", "dvc"]
     for cmd in (["git", "init", "-q"], dvc + ["init", "-q"], dvc + ["config", "core.analytics", "false"],
@@ -226,6 +249,20 @@ def test_two_runs_with_different_budgets_are_two_experiments_and_a_repeat_recomp
     # the default experiment name is the flow run's own name
     named = prune_pipeline(project_dir=str(project), overrides={"select.budget": 0.3})
     assert named["experiment"] in experiments(project) and named["experiment"] not in {"b03", "b06", "b03-again"}
+
+
+def test_the_lm_pipeline_is_a_parameter_of_the_same_flow(prefect_server, tmp_path):
+    project = make_project(tmp_path / "proj")
+    before = checkout_state(project)
+    result = prune_pipeline(project_dir=str(project), pipeline="lm", experiment="lm-24",
+                            overrides={"sparsify.patterns": ["2:4"]})
+    assert attempts(project) == ["sparsify_lm"]  # lm/dvc.yaml only, not the classifier's stages
+    assert result["stages"] == {"sparsify_lm": "ran"} and result["table"] == "| method | 2:4 |\n"
+    assert "(lm pipeline), experiment lm-24" in result["markdown"] and "| method | 2:4 |" in result["markdown"]
+    assert "| method | 2:4 |" in Artifact.get(RESULTS_ARTIFACT_KEY).data
+    assert checkout_state(project) == before
+    with pytest.raises(ValueError, match="pipeline 'vision'"):
+        prune_pipeline(project_dir=str(project), pipeline="vision")
 
 
 def test_experiment_names_are_ref_safe():

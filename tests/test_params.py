@@ -200,3 +200,15 @@ def test_stage_main_passes_overrides_to_the_stage(tmp_path):
                                                    "--set", "select.budget=0.4", "--set", "correct.method=bias"]) == 0
     assert len(calls) == 1
     assert calls[0].select.budget == 0.4 and calls[0].correct.method == "bias"
+
+
+def test_nm_patterns_stay_strings_when_dvc_writes_them_unquoted(tmp_path):
+    """DVC (ruamel, YAML 1.2) writes an overridden "2:4" back as plain 2:4, which YAML 1.1 reads as the base-60
+    integer 124: pruneflow reads params with 1.2's integers, so the pattern survives `dvc exp run -S`."""
+    from pruneflow.params import load_params, parse_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text("sparsify:\n  patterns:\n  - 2:4\n  - 50%\nselect:\n  budget: 0.5\n  min_neurons: 16\n")
+    p = load_params(path)
+    assert p.sparsify.patterns == ["2:4", "50%"] and p.select.min_neurons == 16
+    assert parse_overrides(["sparsify.patterns=[4:8]"]) == {"sparsify.patterns": ["4:8"]}

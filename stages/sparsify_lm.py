@@ -79,7 +79,7 @@ def run(params: Params, layout: Layout) -> dict:
             log.info("%-5s %-10s perplexity %.2f (dense %.2f) agreement %.4f KL %.4f density %.3f prune %.0fs (%.1fx forward)",
                      pattern.label, name, q["perplexity_pruned"], q["perplexity_dense"], q["next_token_agreement"],
                      q["kl_per_token"], row["density"], rep.seconds, row["prune_over_forward"])
-            if sp.save and sp.save == f"{name}@{pattern.label}":
+            if sp.save == f"{name}@{pattern.label}":
                 row["disk"] = save_sparse(model, rep.plan, AutoTokenizer.from_pretrained(str(dense_dir)), layout)
             del model
     (layout / "data/lm/sparse").mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is saved

@@ -21,7 +21,8 @@ import torch
 from pruneflow.adapters import get_adapter
 from pruneflow.artifacts import write_json
 from pruneflow.cost import make_cost
-from pruneflow.lm_assets import DenseReference, convert_gguf, find_packaged_gguf, lm_quality, read_janeausten, token_windows
+from pruneflow.lm_assets import convert_gguf, find_packaged_gguf, read_janeausten, token_windows
+from pruneflow.tasks.causal_lm import DenseReference, lm_quality
 from pruneflow.params import CorrectParams, RankParams, SelectParams
 from pruneflow.pruning import prune_to_selection
 from pruneflow.ranking import rank_model

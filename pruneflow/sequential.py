@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from pruneflow import correction
 from pruneflow.adapters import SUBLAYERS, Adapter, get_adapter
 from pruneflow.moments import Accumulator
-from pruneflow.stats import tokenized_batches
 
 
 class _Stop(Exception):
@@ -183,8 +182,8 @@ class DenseTrace:
     stream after each sublayer). Computed layer by layer on demand; with keep=True the targets are kept so
     several pruned models (a sweep) share one dense pass."""
 
-    def __init__(self, dense_model, tokenizer, texts: list[str], batch_size: int, max_length: int, device: str,
-                 keep: bool = False, offload: bool = False):
+    def __init__(self, dense_model, batches, device: str, keep: bool = False, offload: bool = False):
+        """batches: the calibration batches (Task.calibration_batches) on `device`; each is kept, as hidden states."""
         self.adapter = get_adapter(dense_model)
         if self.adapter.sublayer_out_norm:
             raise ValueError(f"correct.sequential does not support {self.adapter.family}: its sublayer outputs pass "
@@ -192,7 +191,6 @@ class DenseTrace:
                              "in the output projection (set correct.sequential=false)")
         self.device, self.offload, self.keep = device, offload, keep
         _place(dense_model, self.adapter, device, offload)
-        batches = tokenized_batches(tokenizer, texts, batch_size, max_length, device)
         if self.adapter.post_norm:
             self.streams, self._calls = _layer_inputs(dense_model, self.adapter, batches), None
         else:

@@ -12,7 +12,6 @@ import csv
 import io
 import time
 from functools import lru_cache
-from pathlib import Path
 
 from pruneflow.adapters import get_adapter
 from pruneflow.artifacts import atomic_path, write_json, write_text
@@ -24,7 +23,7 @@ from pruneflow.ranking import rank_model
 from pruneflow.runtime import Layout, setup_torch
 from pruneflow.selection import resolve_seq_len, select_units
 from pruneflow.stats import load_statistics
-from pruneflow.tasks import get_task, torch_runner
+from pruneflow.tasks import get_task
 
 ALLOCATIONS = ("uniform", "error")
 
@@ -65,10 +64,7 @@ class _Context:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(layout.dense))
-        self.texts, self.labels = self.task.eval_split(layout.prepared)
-        ev = params.evaluate
-        self.dense_out = self.task.predict(torch_runner(self.model, self.device), self.tokenizer, self.texts,
-                                           ev.batch_size, ev.max_length)
+        self.reference = self.task.reference(self.model, layout.prepared, self.tokenizer, params.evaluate, self.device)
         self.rankings: dict[str, tuple[dict, float]] = {}
         self.traces: dict[str, object] = {}
 
@@ -78,20 +74,20 @@ class _Context:
 
         key = f"{p.correct.max_samples}/{p.collect.batch_size}/{p.collect.max_length}"
         if key not in self.traces:
-            texts = self.task.calibration_texts(layout.prepared, p.collect.max_samples)[: p.correct.max_samples]
-            self.traces[key] = DenseTrace(self.model, self.tokenizer, texts, p.collect.batch_size,
-                                          p.collect.max_length, self.device, keep=True)
+            batches = self.task.calibration_batches(layout.prepared, self.tokenizer, p.collect, self.device,
+                                                    p.correct.max_samples, token_cap=False)
+            self.traces[key] = DenseTrace(self.model, batches, self.device, keep=True)
         return self.traces[key]
 
 
 @lru_cache(maxsize=2)
-def _context(params_json: str, root: str) -> _Context:
-    return _Context(Params.model_validate_json(params_json), Layout(Path(root)))
+def _context(params_json: str, layout: Layout) -> _Context:
+    return _Context(Params.model_validate_json(params_json), layout)
 
 
 def run_point(params: Params, layout: Layout, method: str, budget: float) -> dict:
     """Prune at one (method spec, budget) in memory and evaluate; returns one table row."""
-    ctx = _context(params.model_dump_json(), str(layout.root))
+    ctx = _context(params.model_dump_json(), layout)
     p = parse_spec(method, params)
     p = p.model_copy(update={"select": p.select.model_copy(update={"budget": budget})})
     t0 = time.perf_counter()
@@ -106,10 +102,8 @@ def run_point(params: Params, layout: Layout, method: str, budget: float) -> dic
     trace = (lambda: ctx.dense_trace(p, layout)) if uses_sequential(p.correct) else None
     pruned_model, _, _ = prune_to_selection(ctx.model, ctx.stats, sel, p.correct, ctx.device, trace)
     prune_seconds = time.perf_counter() - t0 + rank_seconds
-    out = ctx.task.predict(torch_runner(pruned_model, ctx.device), ctx.tokenizer, ctx.texts, p.evaluate.batch_size,
-                           p.evaluate.max_length)
-    q = ctx.task.quality(ctx.dense_out, out, ctx.labels)
-    items = {k: v.tolist() for k, v in ctx.task.item_outcomes(ctx.dense_out, out, ctx.labels).items()}
+    q, items = ctx.task.compare(ctx.reference, pruned_model, p.evaluate, ctx.device)
+    items = {k: v.tolist() for k, v in items.items()}
     return {"method": method, "budget": budget, "flops_ratio": sel["flops_ratio"], **q,
             "heads_per_layer": sel["heads_per_layer"], "neurons_per_layer": sel["neurons_per_layer"],
             "seconds": round(prune_seconds, 2), ITEMS: items}
@@ -118,12 +112,15 @@ def run_point(params: Params, layout: Layout, method: str, budget: float) -> dic
 ITEMS = "_items"  # per eval item outcomes, for the paired tests; not written to the metrics
 
 
-def paired_tests(rows: list[dict], baseline: str | None, alpha: float = 0.05) -> None:
-    """Add `vs_baseline` to every row of a method other than `baseline`: McNemar's exact test on the same eval
-    items, per quality key the task gives items for (accuracy: right/wrong; agreement: agrees/disagrees with
-    dense), with a verdict that calls a difference inside the noise so."""
-    from pruneflow.stats_tests import mcnemar
+def paired_tests(rows: list[dict], baseline: str | None, alpha: float = 0.05, task=None) -> None:
+    """Add `vs_baseline` to every row of a method other than `baseline`, per quality key the task gives items
+    for, on the same eval items: McNemar's exact test where an item's outcome is right/wrong (accuracy: right;
+    agreement: agrees with dense), a paired bootstrap of the mean difference where it is a number (a window's
+    NLL or agreement); with a verdict that calls a difference inside the noise so."""
+    from pruneflow.stats_tests import mcnemar, paired_bootstrap
 
+    task = task or get_task("classification")
+    higher = {c.key: c.higher_is_better for c in (task.primary, task.secondary)}
     base = {r["budget"]: r for r in rows if r["method"] == baseline}
     for r in rows:
         b = base.get(r["budget"])
@@ -131,11 +128,16 @@ def paired_tests(rows: list[dict], baseline: str | None, alpha: float = 0.05) ->
             continue
         tests = {}
         for key, mine in r[ITEMS].items():
-            if key in b[ITEMS]:
+            if key not in b[ITEMS]:
+                continue
+            if all(isinstance(v, bool) for v in mine):
                 t = mcnemar(mine, b[ITEMS][key])
-                t["verdict"] = ("within noise" if t["p_value"] >= alpha else
-                                "better" if t["a_only"] > t["b_only"] else "worse")
-                tests[key] = t
+                better = t["a_only"] > t["b_only"]
+            else:
+                t = paired_bootstrap(mine, b[ITEMS][key])
+                better = (t["mean_diff"] > 0) == higher.get(key, True)
+            t["verdict"] = "within noise" if t["p_value"] >= alpha else "better" if better else "worse"
+            tests[key] = t
         r["vs_baseline"] = {"baseline": baseline, **tests}
 
 
@@ -144,63 +146,73 @@ def _mark(row: dict, key: str) -> str:
     return "" if t is None else {"better": "▲", "worse": "▼"}.get(t["verdict"], "")
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Accuracy (agreement) per method and budget; dense accuracy in the header; ▲/▼ where a paired test says
-    the method is better/worse than the baseline at that budget (no mark: within noise)."""
+def markdown_table(rows: list[dict], task=None) -> str:
+    """The task's main figure (its second in brackets) per method and budget; the dense value in the header;
+    ▲/▼ where a paired test says the method is better/worse than the baseline at that budget (no mark: within
+    noise)."""
+    task = task or get_task("classification")
+    first, second = task.primary, task.secondary
     budgets = sorted({r["budget"] for r in rows}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["budget"]): r for r in rows}
-    dense = rows[0]["accuracy_dense"] if rows else float("nan")
+    dense = rows[0][first.dense_key] if rows else float("nan")
     out = io.StringIO()
-    out.write(f"Eval accuracy % (agreement with dense %), dense = {100 * dense:.2f}%; columns: FLOP budget\n\n")
+    out.write(f"{first.title} ({second.title}), dense = {first.show(dense)}{'%' if first.percent else ''}; "
+              "columns: FLOP budget\n\n")
     baseline = next((r["vs_baseline"]["baseline"] for r in rows if "vs_baseline" in r), None)
     if baseline:
-        out.write(f"▲ / ▼: better / worse than `{baseline}` at the same budget by McNemar's exact test on the same "
-                  "eval sentences (p < alpha); no mark: the difference is within the noise.\n\n")
+        out.write(f"▲ / ▼: better / worse than `{baseline}` at the same budget by {task.paired_test} "
+                  "(p < alpha); no mark: the difference is within the noise.\n\n")
     out.write("| method | " + " | ".join(f"{b:g}" for b in budgets) + " |\n")
     out.write("|---|" + "---|" * len(budgets) + "\n")
     for m in methods:
-        vals = [f"{100 * cell[(m, b)]['accuracy_pruned']:.2f}{_mark(cell[(m, b)], 'accuracy_pruned')} "
-                f"({100 * cell[(m, b)]['agreement']:.1f}{_mark(cell[(m, b)], 'agreement')})"
+        vals = [f"{first.show(cell[(m, b)][first.key])}{_mark(cell[(m, b)], first.key)} "
+                f"({second.show(cell[(m, b)][second.key], 1)}{_mark(cell[(m, b)], second.key)})"
                 if (m, b) in cell else "–" for b in budgets]
         out.write(f"| {m} | " + " | ".join(vals) + " |\n")
     return out.getvalue()
 
 
 def write_report(rows: list[dict], layout: Layout, params: Params | None = None) -> None:
-    sweep = (params or Params()).sweep
-    paired_tests(rows, sweep.baseline, sweep.alpha)
+    params = params or Params()
+    task = get_task(params.task.kind)
+    paired_tests(rows, params.sweep.baseline, params.sweep.alpha, task)
     rows = [{k: v for k, v in r.items() if k != ITEMS} for r in rows]
     write_json(layout.metrics / "sweep.json", {"points": rows})
     buf = io.StringIO()
-    cols = ["method", "budget", "flops_ratio", "accuracy_pruned", "agreement", "accuracy_dense", "seconds"]
+    cols = ["method", "budget", "flops_ratio", task.primary.key, task.secondary.key, task.primary.dense_key, "seconds"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     write_text(layout.plots / "sweep.csv", buf.getvalue())
-    write_text(layout.plots / "sweep.md", markdown_table(rows))
-    _plot(rows, layout)
+    write_text(layout.plots / "sweep.md", markdown_table(rows, task))
+    _plot(rows, layout, task)
 
 
-def _plot(rows: list[dict], layout: Layout) -> None:
-    """Accuracy vs FLOP fraction, one line per method: the full range, and a zoom on the methods near dense."""
+def _plot(rows: list[dict], layout: Layout, task) -> None:
+    """The task's main figure vs FLOP fraction, one line per method: the full range, and a zoom on the methods
+    near dense (within 4 points of accuracy, or 1.5× the dense perplexity)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    col = task.primary
+    scale = 100 if col.percent else 1
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    dense = 100 * rows[0]["accuracy_dense"] if rows else None
+    dense = scale * rows[0][col.dense_key] if rows else None
     for ax, zoom in zip(axes, (False, True)):
         for m in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["flops_ratio"], 100 * r["accuracy_pruned"]) for r in rows if r["method"] == m)
+            pts = sorted((r["flops_ratio"], scale * r[col.key]) for r in rows if r["method"] == m)
             ax.plot(*zip(*pts), marker="o", ms=4, label=m)
         if dense is not None:
             ax.axhline(dense, color="gray", ls="--", lw=1, label="dense")
             if zoom:
-                ax.set_ylim(dense - 4, dense + 0.7)
+                ax.set_ylim(*((dense - 4, dense + 0.7) if col.higher_is_better else (dense * 0.98, dense * 1.5)))
+        if not col.higher_is_better and not zoom:
+            ax.set_yscale("log")
         ax.set_xlabel("FLOPs of pruned / dense (fvcore)")
-        ax.set_ylabel("eval accuracy (%)")
+        ax.set_ylabel(col.label)
         ax.set_title("zoom: within 4 points of dense" if zoom else "all methods")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")

@@ -38,8 +38,9 @@ def run(params: Params, layout: Layout) -> dict:
     def dense_trace():
         from pruneflow.sequential import DenseTrace
 
-        texts = task.calibration_texts(layout.prepared, c.max_samples)[: p.max_samples]
-        return DenseTrace(model, load_tokenizer(layout.dense), texts, c.batch_size, c.max_length, device)
+        batches = task.calibration_batches(layout.prepared, load_tokenizer(layout.dense), c, device, p.max_samples,
+                                           token_cap=False)
+        return DenseTrace(model, batches, device)
 
     stats = None if uses_sequential(p) else load_statistics(layout.stats)
     pruned_model, plan, report = prune_to_selection(model, stats, sel, p, device, dense_trace)

@@ -1,11 +1,13 @@
 """evaluate: task quality of dense vs pruned on the held-out eval split, plus what pruning cost.
 
-reads   data/dense, data/pruned, data/prepared/eval.jsonl, metrics/{collect,rank,select,correct}.json
+reads   data/dense, data/pruned, the task's eval data (data/prepared/eval.jsonl; causal LM: the eval windows),
+        metrics/{collect,rank,select,correct}.json
 writes  metrics/quality.json
 params  evaluate, task, runtime
 The task (pruneflow/tasks/) says what quality is: for classifiers accuracy and `agreement` (the fraction of
 eval sentences where pruned and dense predict the same class; less noisy than accuracy, where one sentence of
-~2,000 is 0.05 points).
+~2,000 is 0.05 points); for causal LMs perplexity of both, next-token top-1 agreement and KL(dense ‖ pruned)
+per token on held-out windows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from pruneflow.artifacts import read_json, write_json
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, load_tokenizer, setup_torch, stage_main
-from pruneflow.tasks import get_task, torch_runner
+from pruneflow.tasks import get_task
 
 log = logging.getLogger("pruneflow.evaluate")
 
@@ -26,12 +28,9 @@ def run(params: Params, layout: Layout) -> dict:
     p = params.evaluate
     device = setup_torch(params)
     task = get_task(params.task.kind)
-    texts, labels = task.eval_split(layout.prepared)
-    tok = load_tokenizer(layout.dense)
-    outputs = {name: task.predict(torch_runner(task.load_model(path), device), tok, texts, p.batch_size,
-                                  p.max_length, f"eval {name}")
-               for name, path in (("dense", layout.dense), ("pruned", layout.pruned))}
-    q = task.quality(outputs["dense"], outputs["pruned"], labels)
+    reference = task.reference(task.load_model(layout.dense).to(device), layout.prepared,
+                               load_tokenizer(layout.dense), p, device)
+    q, _ = task.compare(reference, task.load_model(layout.pruned).to(device), p, device)
     m = {k: read_json(layout.metrics / f"{k}.json") for k in ("collect", "rank", "select", "correct")}
     manifest = read_json(layout.pruned / "manifest.json")
     out = {

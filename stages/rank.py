@@ -1,6 +1,6 @@
 """rank: order every prunable unit (attention heads, FFN neurons) of every layer, least important first.
 
-reads   data/dense (weights), data/stats (calibration statistics), data/prepared/calib.jsonl (forward-only
+reads   data/dense (weights), data/stats (calibration statistics), the task's calibration data (forward-only
         methods run the model on it)
 writes  data/rank/ranking.json, metrics/rank.json
 params  rank, task, collect (tokenization of calibration text), runtime
@@ -18,7 +18,7 @@ from pruneflow.artifacts import write_json
 from pruneflow.params import Params
 from pruneflow.ranking import rank_model
 from pruneflow.runtime import Layout, load_tokenizer, setup_torch, stage_main
-from pruneflow.stats import load_statistics, tokenized_batches
+from pruneflow.stats import load_statistics
 from pruneflow.tasks import get_task
 
 
@@ -30,8 +30,7 @@ def run(params: Params, layout: Layout) -> dict:
     model = task.load_model(layout.dense).to(device)
 
     def calibration():  # only forward-only methods call it
-        texts = task.calibration_texts(layout.prepared, c.max_samples)
-        return tokenized_batches(load_tokenizer(layout.dense), texts, c.batch_size, c.max_length, device, c.max_tokens)
+        return task.calibration_batches(layout.prepared, load_tokenizer(layout.dense), c, device)
 
     ranking = rank_model(get_adapter(model), load_statistics(layout.stats), params.rank, calibration=calibration)
     seconds = time.perf_counter() - t0

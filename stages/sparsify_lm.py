@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pruneflow.adapters import get_adapter
 from pruneflow.artifacts import load_tensors, write_json, write_text
-from pruneflow.lm_assets import DenseReference, lm_quality
+from pruneflow.tasks.causal_lm import DenseReference, lm_quality
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, peak_rss_mb, setup_torch, stage_main
 from pruneflow.sparsify import Pattern, check_sparsify_params, density, sparsify_model, sparsity_method
@@ -66,6 +66,7 @@ def run(params: Params, layout: Layout) -> dict:
                                      device=device if device != "cpu" else None)
             q = lm_quality(reference, model, evalw, bs)
             per_window[(pattern.label, name)] = q.pop("window_nll")
+            q.pop("window_agreement")
             errs = list(rep.errors.values())
             row = {"method": name, "pattern": pattern.label, **{k: round(v, 6) if isinstance(v, float) else v
                                                                for k, v in q.items()},

@@ -1,4 +1,4 @@
-"""sweep: accuracy vs FLOP budget for several pruning configurations, in one run.
+"""sweep: quality (classifier accuracy, LM perplexity) vs FLOP budget for several pruning configurations, in one run.
 
 reads   data/dense, data/stats, data/prepared/{eval,calib}.jsonl
 writes  metrics/sweep.json, plots/sweep.csv (a dvc plots curve), plots/sweep.md (the README table),
@@ -19,19 +19,21 @@ from tqdm.auto import tqdm
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, stage_main
 from pruneflow.sweep import markdown_table, points, run_point, write_report
+from pruneflow.tasks import get_task
 
 log = logging.getLogger("pruneflow.sweep")
 
 
 def run(params: Params, layout: Layout) -> dict:
     """Every (method, budget) point of params.sweep, then the table, CSV and plot."""
+    task = get_task(params.task.kind)
     rows = []
     for method, budget in tqdm(points(params), desc="sweep", unit="point"):
         rows.append(run_point(params, layout, method, budget))
-        log.info("%-22s budget %.2f: acc %.4f agreement %.4f (flops %.3f)", method, budget,
-                 rows[-1]["accuracy_pruned"], rows[-1]["agreement"], rows[-1]["flops_ratio"])
+        log.info("%-22s budget %.2f: %s %.4f, %s %.4f (flops %.3f)", method, budget, task.primary.key,
+                 rows[-1][task.primary.key], task.secondary.key, rows[-1][task.secondary.key], rows[-1]["flops_ratio"])
     write_report(rows, layout, params)
-    print(markdown_table(rows))
+    print(markdown_table(rows, task))
     return {"points": len(rows)}
 
 

@@ -11,6 +11,7 @@ import torch
 
 from pruneflow.adapters import get_adapter
 from pruneflow.sparsify import Pattern, sparsify_model, sparsity_method
+from pruneflow.stats import tokenized_batches
 from tiny import tiny_inputs, tiny_llama
 
 pytestmark = [pytest.mark.gpu,
@@ -60,7 +61,7 @@ def test_sequential_refit_with_offload_on_cuda_matches_cpu():
     results = []
     for device, offload in (("cpu", False), ("cuda", True)):
         pruned = Plan(keep_heads, keep_neurons).apply(copy.deepcopy(dense))
-        trace = DenseTrace(copy.deepcopy(dense), tok, texts, 4, 16, device, offload=offload)
+        trace = DenseTrace(copy.deepcopy(dense), tokenized_batches(tok, texts, 4, 16, device), device, offload=offload)
         correct_sequential(pruned, "lstsq", 1e-3, trace, device)
         results.append({k: v.detach().cpu() for k, v in pruned.state_dict().items()})
     for k, v in results[0].items():

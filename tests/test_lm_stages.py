@@ -112,7 +112,7 @@ def test_sparsify_params_checked_against_the_registry(lm_project, capsys):
 def test_dense_reference_matches_running_the_dense_model():
     """Kept once in float16, the dense log-probabilities give the same quality as re-running the dense model
     (perplexity within 1e-3 relative, KL within 1e-4 nats per token, agreement exact up to ties)."""
-    from pruneflow.lm_assets import DenseReference, lm_quality
+    from pruneflow.tasks.causal_lm import DenseReference, lm_quality
 
     dense, pruned = tiny_llama(seed=0), tiny_llama(seed=1)
     windows = torch.randint(5, 120, (6, 12), generator=torch.Generator().manual_seed(0))

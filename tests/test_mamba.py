@@ -18,7 +18,7 @@ import transformers
 
 from pruneflow.adapters import StructuredPruningUnsupported, get_adapter
 from pruneflow.adapters.mamba import DtProjInputTap, MambaAdapter
-from pruneflow.lm_assets import lm_quality
+from pruneflow.tasks.causal_lm import lm_quality
 from pruneflow.plan import Plan, load_pruned, read_plan, save_pruned
 from pruneflow.sparsify import SPARSITY_METHODS, Pattern, sparsify_model, sparsity_method
 from pruneflow.stats import collect_statistics

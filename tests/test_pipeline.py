@@ -108,7 +108,7 @@ def test_every_stage_has_a_cli_that_rejects_bad_params(tiny_project):
 # --- bad inputs fail early, clearly, and leave no half-written artifact --------------------------------
 
 def test_empty_calibration_data_fails_clearly(tiny_project):
-    run_chain(tiny_project, ["prepare"])
+    run_chain(tiny_project, ["prepare", "finetune"])
     (tiny_project / "data/prepared/calib.jsonl").write_text("")
     r = cli(tiny_project, "collect")
     assert r.returncode == 2 and "empty calibration data" in r.stderr

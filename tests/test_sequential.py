@@ -11,6 +11,7 @@ import torch
 from pruneflow import sequential
 from pruneflow.adapters import get_adapter
 from pruneflow.params import CorrectParams
+from pruneflow.stats import tokenized_batches
 from tiny import WORDS, tiny_bert, tiny_distilbert, tiny_tokenizer
 
 TEXTS = [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(3 + i % 9)) for i in range(24)]
@@ -21,7 +22,7 @@ def test_nothing_pruned_reproduces_dense(tmp_path, factory):
     dense = factory()
     pruned = copy.deepcopy(dense)
     tok = tiny_tokenizer(tmp_path)
-    trace = sequential.DenseTrace(dense, tok, TEXTS, 8, 32, "cpu")
+    trace = sequential.DenseTrace(dense, tokenized_batches(tok, TEXTS, 8, 32, "cpu"), "cpu")
     sequential.correct_sequential(pruned, "lstsq", 0.0, trace, "cpu")
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -36,7 +37,7 @@ def test_propagated_outputs_equal_a_forward_pass(tmp_path, factory, monkeypatch)
     tok = tiny_tokenizer(tmp_path)
     propagated = {}
     monkeypatch.setattr(sequential, "_after_layer", lambda i, h: propagated.__setitem__(i, h[0].clone()))
-    trace = sequential.DenseTrace(dense, tok, TEXTS, len(TEXTS), 32, "cpu")  # one batch, sorted by token length
+    trace = sequential.DenseTrace(dense, tokenized_batches(tok, TEXTS, len(TEXTS), 32, "cpu"), "cpu")  # one batch
     sequential.correct_sequential(pruned, "lstsq", CorrectParams().ridge, trace, "cpu")
     lengths = [len(ids) for ids in tok(TEXTS, truncation=True, max_length=32)["input_ids"]]
     order = sorted(range(len(TEXTS)), key=lambda i: lengths[i])  # the batching order (by token length)

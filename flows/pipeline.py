@@ -2,7 +2,8 @@
 
     python -m flows.pipeline                                  # default params, temporary local Prefect server
     python -m flows.pipeline --set select.budget=0.4 --set rank.method=magnitude
-    python -m flows.pipeline --pipeline lm --set 'sparsify.patterns=["2:4"]'   # the LM pipeline (lm/dvc.yaml)
+    python -m flows.pipeline --pipeline lm --set select.budget=0.8    # structured pruning of the causal LM
+    python -m flows.pipeline --pipeline lm-sparse --set 'sparsify.patterns=["2:4"]'   # its weight sparsity
 
 A run validates its overrides with the whole params file (and the method/task registries) before anything
 runs, then executes `dvc exp run --temp -n <flow run name> -S key=value ...`: DVC copies the committed
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +43,26 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from pruneflow.params import Params, ParamsError
-from pruneflow.report import results_markdown, results_table
+from pruneflow.report import quality_markdown, results_markdown, results_table
 
 RESULTS_ARTIFACT_KEY = "pruneflow-results"
 EXPERIMENT_RETRIES = 2
-# pipeline name -> (its dvc.yaml, None = the project's own; the table its last stage writes, None = report.py's)
-PIPELINES = {"default": (None, None), "lm": ("lm/dvc.yaml", "plots/sparse_lm.md")}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    target: str | None  # what `dvc exp run` reproduces (None: the project's dvc.yaml)
+    params_file: str  # the params file its stages read (and overrides go to)
+    table: str | None = None  # a markdown table its last stage writes, published as is
+    quality: str | None = None  # else its quality.json (a results table by the task's headline keys)
+
+
+# None of these: report.py's results table of the default pipeline (quality, latency, ONNX files).
+PIPELINES = {
+    "default": Pipeline(None, "params.yaml"),
+    "lm": Pipeline("lm/dvc.yaml:evaluate", "lm/params.yaml", quality="metrics/lm/quality.json"),
+    "lm-sparse": Pipeline("lm/dvc.yaml:sparsify_lm", "params.yaml", table="plots/sparse_lm.md"),
+}
 
 
 # No retries: a params error is the user's to fix, and it must stop the flow before any stage runs.
@@ -71,7 +87,7 @@ def experiment_task(project_dir: str, name: str, overrides: dict[str, Any] | Non
 
 
 @flow(name="prune-pipeline")
-def prune_pipeline(project_dir: str = ".", params_file: str = "params.yaml",
+def prune_pipeline(project_dir: str = ".", params_file: str | None = None,
                    overrides: dict[str, Any] | None = None, dvc_remote: str | None = None,
                    experiment: str | None = None, pipeline: str = "default") -> dict[str, Any]:
     """Run the DVC pipeline of project_dir as one experiment named after this flow run; publish the results.
@@ -81,31 +97,39 @@ def prune_pipeline(project_dir: str = ".", params_file: str = "params.yaml",
     dvc_remote: a DVC remote name; when set, `dvc pull` before and `dvc push` after (outputs and run cache),
     so several workers on one pool share results instead of recomputing them.
     experiment: the experiment's name (default: this flow run's name).
-    pipeline: which DVC pipeline: "default" (dvc.yaml, the classifier) or "lm" (lm/dvc.yaml: weight sparsity on
-    the causal LM); the same flow, params file and experiment mechanics either way.
+    pipeline: which DVC pipeline: "default" (dvc.yaml, the classifier), "lm" (lm/dvc.yaml through evaluate:
+    structured pruning of the causal LM, params in lm/params.yaml) or "lm-sparse" (lm/dvc.yaml's sparsify_lm:
+    weight sparsity of the causal LM); the same flow and experiment mechanics each time.
+    params_file: default: the pipeline's own (params.yaml; lm/params.yaml for "lm").
     Returns the results table as a dict (None where a stage has not run), each stage's status and the
     experiment's name.
     """
     logger = get_run_logger()
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline {pipeline!r}: choose one of {', '.join(PIPELINES)}")
-    target, table_file = PIPELINES[pipeline]
+    spec = PIPELINES[pipeline]
+    params_file = params_file or spec.params_file
     project = str(Path(project_dir).resolve())
     params = apply_params(project, params_file, overrides)
     name = experiment_name(experiment or flow_run.get_name() or "run")
     if dvc_remote:
         dvc_pull(project, "pull", dvc_remote)
-    statuses = experiment_task(project, name, overrides, params_file, target)
+    statuses = experiment_task(project, name, overrides, params_file, spec.target)
     if dvc_remote:
         dvc_push(project, "push", dvc_remote)
-    if table_file is None:
+    if spec.table is None and spec.quality is None:
         results = results_table(project, params, experiment_file_reader(project, name))
         markdown = results_markdown(results, statuses, name)
     else:
-        table = experiment_file_reader(project, name, parse=str)(table_file)
-        results = {"budget": None, "table": table}
-        markdown = (f"## pruneflow results ({pipeline} pipeline), experiment {name}\n\n"
-                    + (table or f"({table_file} was not written)") + "\n\nstages: "
+        if spec.table is not None:
+            table = experiment_file_reader(project, name, parse=str)(spec.table)
+            results = {"budget": None, "table": table}
+            body = table or f"({spec.table} was not written)"
+        else:
+            quality = experiment_file_reader(project, name)(spec.quality)
+            results = {"budget": (quality or {}).get("budget"), "quality": quality}
+            body = quality_markdown(quality, params.task.kind) if quality else f"({spec.quality} was not written)"
+        markdown = (f"## pruneflow results ({pipeline} pipeline), experiment {name}\n\n" + body + "\n\nstages: "
                     + ", ".join(f"{s} {st}" for s, st in statuses.items()))
     create_markdown_artifact(markdown=markdown, key=RESULTS_ARTIFACT_KEY,
                              description=f"pruneflow results ({pipeline}), experiment {name}, budget {results['budget']}, {project}")
@@ -116,13 +140,15 @@ def prune_pipeline(project_dir: str = ".", params_file: str = "params.yaml",
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--project-dir", default=".", help="the DVC project, a git checkout (default: .)")
-    parser.add_argument("--params", default="params.yaml", help="params file inside project-dir")
+    parser.add_argument("--params", default=None, help="params file inside project-dir (default: the pipeline's "
+                                                        "own: params.yaml, or lm/params.yaml for --pipeline lm)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this run only, e.g. --set select.budget=0.4")
     parser.add_argument("--dvc-remote", default=None, help="dvc pull before / dvc push after, with this remote")
     parser.add_argument("--experiment", default=None, help="experiment name (default: the flow run's name)")
     parser.add_argument("--pipeline", default="default", choices=sorted(PIPELINES),
-                        help="default: dvc.yaml (the classifier); lm: lm/dvc.yaml (weight sparsity on the causal LM)")
+                        help="default: dvc.yaml (the classifier); lm: structured pruning of the causal LM "
+                             "(lm/dvc.yaml, lm/params.yaml); lm-sparse: weight sparsity of the causal LM")
     args = parser.parse_args(argv)
     try:
         results = prune_pipeline(project_dir=args.project_dir, params_file=args.params,

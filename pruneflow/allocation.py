@@ -49,15 +49,26 @@ def check_feasible(target: int, n_layers: int, H: int, N: int, c: Costs, min_hea
         raise InfeasibleBudget(low)
 
 
+def head_counts(H: int, min_heads: int, head_step: int) -> list[int]:
+    """The head counts a layer may keep: multiples of head_step (grouped-query attention keeps the same number
+    of query heads in each of its head_step KV groups), from the smallest at or above min_heads (0 allowed
+    when min_heads is 0) up to H."""
+    low = min(H, -(-min_heads // head_step) * head_step)  # a floor above H is clamped to H
+    return list(range(low, H + 1, head_step))
+
+
 def uniform(n_layers: int, H: int, N: int, c: Costs, target: int, min_heads: int = 1, min_neurons: int = 0,
-            multiple_of: int = 1, heads: int | None = None) -> tuple[list[int], list[int]]:
-    """The same counts in every layer: the largest common fraction f of heads (round(f·H)) that leaves room
-    for at least f·N neurons, then as many neurons per layer as the rest of the budget pays for (heads come in
-    coarse steps, so without this fill the budget would be under-spent by up to a head per layer)."""
+            multiple_of: int = 1, heads: int | None = None, head_step: int = 1) -> tuple[list[int], list[int]]:
+    """The same counts in every layer: the largest common fraction f of heads (round(f·H), to a multiple of
+    head_step) that leaves room for at least f·N neurons, then as many neurons per layer as the rest of the
+    budget pays for (heads come in coarse steps, so without this fill the budget would be under-spent by up
+    to a head per layer)."""
+    allowed = head_counts(H, min_heads, head_step)
+    min_heads = allowed[0]
     check_feasible(target, n_layers, H, N, c, min_heads, min_neurons)
 
     def heads_at(f: float) -> int:
-        return min(H, max(min_heads, round(f * H)))
+        return min(H, max(min_heads, round(f * H / head_step) * head_step))
 
     def neurons_fitting(h: int) -> int:
         room = (target - c.fixed - n_layers * h * c.head) // (n_layers * c.neuron)
@@ -65,6 +76,9 @@ def uniform(n_layers: int, H: int, N: int, c: Costs, target: int, min_heads: int
 
     if heads is not None:
         h = min(H, max(min_heads, heads))
+        if h % head_step:
+            raise ValueError(f"select.uniform_heads={heads}: grouped-query attention keeps the same number of query "
+                             f"heads in each KV group; give a multiple of {head_step}")
     else:
         lo, hi = 0.0, 1.0
         for _ in range(60):
@@ -79,9 +93,12 @@ def uniform(n_layers: int, H: int, N: int, c: Costs, target: int, min_heads: int
 
 
 def by_error(attn: list[Curve], ffn: list[Curve], c: Costs, target: int, min_heads: int = 1, min_neurons: int = 0,
-             multiple_of: int = 1) -> tuple[list[int], list[int]]:
-    """Greedy allocation by error per multiply-add; returns kept heads and kept neurons per layer."""
+             multiple_of: int = 1, head_step: int = 1) -> tuple[list[int], list[int]]:
+    """Greedy allocation by error per multiply-add; returns kept heads and kept neurons per layer. With
+    head_step > 1 (grouped-query attention) kept heads are rounded down to a multiple of it at the end, which
+    only lowers the cost; the leftover goes to neurons."""
     L = len(attn)
+    min_heads = head_counts(attn[0].units, min_heads, head_step)[0]
     check_feasible(target, L, attn[0].units, ffn[0].units, c, min_heads, min_neurons)
     curves = [(l, "attn", attn[l]) for l in range(L)] + [(l, "ffn", ffn[l]) for l in range(L)]
     pos = {(l, s): 0 for l, s, _ in curves}
@@ -116,7 +133,7 @@ def by_error(attn: list[Curve], ffn: list[Curve], c: Costs, target: int, min_hea
         total -= step * unit[s]
 
     neurons = [_round_down(kept[(l, "ffn")], multiple_of, min(min_neurons, ffn[l].units)) for l in range(L)]
-    heads = [kept[(l, "attn")] for l in range(L)]
+    heads = [max(min_heads, kept[(l, "attn")] // head_step * head_step) for l in range(L)]
     # Leftover budget (the last step overshoots by up to one chunk): return neurons to the layers whose last
     # removed chunk cost the most error per multiply-add.
     slack = target - macs(heads, neurons, c)

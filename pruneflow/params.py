@@ -174,6 +174,14 @@ class BenchmarkParams(Section):
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     reference: tuple[int, int] = Field((8, 128), description="(batch, seq_len) reported in metrics/latency.json")
     torch_attn: Literal["sdpa", "eager"] = Field("sdpa", description="PyTorch attention implementation timed")
+    # causal LMs (stage lm_benchmark): prefill latency and decode throughput with the KV cache
+    prefill: list[tuple[int, int]] = Field(default_factory=lambda: [(1, 512), (8, 128)],
+                                           description="LM: (batch, prompt tokens) of the prefill timings")
+    decode_batches: list[int] = Field(default_factory=lambda: [1, 8], description="LM: batches of the decode timings")
+    decode_prompt: int = Field(128, ge=1, description="LM: prompt tokens before decoding")
+    decode_new: int = Field(128, ge=1, description="LM: new tokens generated per decode timing")
+    iters_decode: int = Field(3, ge=1, description="LM: timed generations per model and runtime")
+    parity_tokens: int = Field(32, ge=1, description="LM: greedy tokens that must be identical in ORT and PyTorch")
 
     @field_validator("batch_sizes", "seq_lens")
     @classmethod

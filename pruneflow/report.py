@@ -118,3 +118,16 @@ def results_markdown(r: dict[str, Any], stages: dict[str, str] | None = None, ex
                  f"`dvc exp apply {experiment}` brings its params, metrics and outputs into the workspace, "
                  f"`dvc exp branch {experiment} <branch>` keeps it as a branch)")
     return text + "\n"
+
+
+def quality_markdown(quality: dict[str, Any], task_kind: str) -> str:
+    """A pipeline's metrics/quality.json as a table: the task's headline figures, cost and pruning time."""
+    from pruneflow.tasks import get_task
+
+    keys = [*get_task(task_kind).headline, "perplexity_ratio", "flops_ratio", "budget", "cost", "prune_seconds",
+            "forward_seconds"]
+    rows = [[k, _num(quality[k])] for k in dict.fromkeys(keys) if k in quality]
+    text = markdown_table(["", "value"], rows)
+    if isinstance(quality.get("methods"), dict):
+        text += "\n\nmethods: " + ", ".join(f"{k}={v}" for k, v in quality["methods"].items() if v is not None)
+    return text

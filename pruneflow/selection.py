@@ -21,23 +21,42 @@ def resolve_seq_len(seq_len: int | str, stats_info: dict) -> int:
     return int(seq_len) if seq_len != "auto" else max(1, round(stats_info["mean_length"]))
 
 
-def keep_sets(ranking: dict, heads: list[int], neurons: list[int]) -> tuple[list[list[int]], list[list[int]]]:
-    """Kept units = the last `k` of each layer's removal order (the most important)."""
+def keep_heads_by_group(order: list[int], kept: int, group: int) -> list[int]:
+    """Grouped-query attention: `kept` query heads, the same number in every KV group (group = query heads per
+    KV head), each group keeping its own most important ones (latest in the removal `order`)."""
+    groups = len(order) // group
+    if kept % groups:
+        raise ValueError(f"{kept} heads cannot be split equally over {groups} KV groups")
+    rank = {h: pos for pos, h in enumerate(order)}
+    per = kept // groups
+    return sorted(h for g in range(groups)
+                  for h in sorted(range(g * group, (g + 1) * group), key=rank.__getitem__)[group - per:])
+
+
+def keep_sets(ranking: dict, heads: list[int], neurons: list[int], group: int = 1
+              ) -> tuple[list[list[int]], list[list[int]]]:
+    """Kept units = the last `k` of each layer's removal order (the most important); heads per KV group when
+    the attention is grouped (group > 1)."""
     keep_h, keep_n = [], []
     for layer, h, n in zip(ranking["layers"], heads, neurons):
         a, f = layer["attn"], layer["ffn"]
-        keep_h.append(sorted(a["order"][a["units"] - h:]) if h else [])
+        if group > 1 and 0 < h < a["units"]:
+            keep_h.append(keep_heads_by_group(a["order"], h, group))
+        else:
+            keep_h.append(sorted(a["order"][a["units"] - h:]) if h else [])
         keep_n.append(sorted(f["order"][f["units"] - n:]) if n else [])
     return keep_h, keep_n
 
 
-def allocate(ranking: dict, p: SelectParams, costs: allocation.Costs, target: int, L: int, H: int, N: int
-             ) -> tuple[list[int], list[int]]:
+def allocate(ranking: dict, p: SelectParams, costs: allocation.Costs, target: int, L: int, H: int, N: int,
+             head_step: int = 1) -> tuple[list[int], list[int]]:
     if p.allocation == "uniform":
-        return allocation.uniform(L, H, N, costs, target, p.min_heads, p.min_neurons, p.multiple_of, p.uniform_heads)
+        return allocation.uniform(L, H, N, costs, target, p.min_heads, p.min_neurons, p.multiple_of, p.uniform_heads,
+                                  head_step)
     curves = {name: [allocation.Curve(l[name]["units"], l[name]["removed"], l[name]["error"]) for l in ranking["layers"]]
               for name in SUBLAYERS}
-    return allocation.by_error(curves["attn"], curves["ffn"], costs, target, p.min_heads, p.min_neurons, p.multiple_of)
+    return allocation.by_error(curves["attn"], curves["ffn"], costs, target, p.min_heads, p.min_neurons, p.multiple_of,
+                               head_step)
 
 
 def select_units(model, adapter: Adapter, ranking: dict, p: SelectParams, cost: Cost, seq_len: int) -> dict:
@@ -49,10 +68,13 @@ def select_units(model, adapter: Adapter, ranking: dict, p: SelectParams, cost: 
     allowed = p.budget * dense.total
     target = math.floor(allowed) - other
     L, H, N = adapter.num_layers, adapter.dense_heads, adapter.dense_neurons
+    # Grouped-query attention: every layer keeps the same number of query heads in each KV group (all groups
+    # stay, so k/v keep their size and the cost model's per-head price is exact).
+    head_step = adapter.dense_kv_heads if adapter.group > 1 else 1
     try:
         for _ in range(5):
-            heads, neurons = allocate(ranking, p, costs, target, L, H, N)
-            keep_h, keep_n = keep_sets(ranking, heads, neurons)
+            heads, neurons = allocate(ranking, p, costs, target, L, H, N, head_step)
+            keep_h, keep_n = keep_sets(ranking, heads, neurons, adapter.group)
             pruned_model = copy.deepcopy(model)
             get_adapter(pruned_model).slice_(keep_h, keep_n)
             pruned = cost.measure(pruned_model)

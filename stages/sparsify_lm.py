@@ -1,6 +1,6 @@
 """sparsify_lm: weight sparsity on the causal LM, every method x pattern in one run, dense beside each.
 
-reads   data/lm/dense, data/lm/windows.safetensors (calib: the windows pruning sees; eval: held-out text)
+reads   data/lm/dense, data/lm/prepared/windows.safetensors (calib: the windows pruning sees; eval: held-out text)
 writes  metrics/sparse_lm.json (per point: perplexity, next-token agreement and KL vs dense, density, times,
         relative layer errors; APT vs SparseGPT paired on the eval windows), plots/sparse_lm.{csv,md,png};
         data/lm/sparse/{dense,compressed} for `sparsify.save` (sizes on disk in the metrics)
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pruneflow.adapters import get_adapter
 from pruneflow.artifacts import load_tensors, write_json, write_text
-from pruneflow.tasks.causal_lm import DenseReference, lm_quality
+from pruneflow.tasks.causal_lm import WINDOWS, DenseReference, lm_quality
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, peak_rss_mb, setup_torch, stage_main
 from pruneflow.sparsify import Pattern, check_sparsify_params, density, sparsify_model, sparsity_method
@@ -36,10 +36,10 @@ def run(params: Params, layout: Layout) -> dict:
     sp = params.sparsify
     check_sparsify_params(sp)
     device = setup_torch(params)
-    dense_dir = layout / "data/lm/dense"
+    dense_dir = layout.dense
     if not (dense_dir / "config.json").exists():
         raise FileNotFoundError(f"{dense_dir} not found: run lm_prepare first (dvc repro lm/dvc.yaml)")
-    windows = load_tensors(layout / "data/lm/windows.safetensors")
+    windows = load_tensors(layout.prepared / WINDOWS)
     calib, evalw, bs = windows["calib"], windows["eval"], params.lm.batch_size
     dense = AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32).eval()
     get_adapter(dense)  # unsupported architectures fail before any work
@@ -83,7 +83,7 @@ def run(params: Params, layout: Layout) -> dict:
             if sp.save == f"{name}@{pattern.label}":
                 row["disk"] = save_sparse(model, rep.plan, AutoTokenizer.from_pretrained(str(dense_dir)), layout)
             del model
-    (layout / "data/lm/sparse").mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is saved
+    (layout.root / layout.data / "sparse").mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is saved
     again = plain_forward_seconds(dense, batches)
     if again < forward_seconds:
         for r in rows:
@@ -120,7 +120,7 @@ def save_sparse(model, plan, tokenizer, layout: Layout) -> dict:
     """The chosen point as a plain checkpoint (zeros stored) and in the compressed-tensors format; sizes."""
     from pruneflow.sparse_export import save_compressed, save_dense_checkpoint, size_on_disk
 
-    out = layout / "data/lm/sparse"
+    out = layout.root / layout.data / "sparse"
     save_dense_checkpoint(model, tokenizer, out / "dense")
     save_compressed(model, plan, out / "compressed", tokenizer)
     return size_on_disk(out / "dense", out / "compressed")

@@ -65,6 +65,11 @@ elif name == "export":
     dump("data/onnx/dense.onnx", "onnx")
     dump("data/onnx/pruned.onnx", f"onnx pruned to {budget}")
     dump("metrics/export.json", {"files": {"dense": "data/onnx/dense.onnx", "pruned": "data/onnx/pruned.onnx"}})
+elif name == "lm_evaluate":
+    lm_budget = (YAML(typ="safe").load(open("lm/params.yaml")) or {}).get("select", {}).get("budget", 0.7)
+    dump("metrics/lm/quality.json", {"budget": lm_budget, "flops_ratio": lm_budget, "perplexity_dense": 36.9,
+         "perplexity_pruned": 44.0, "next_token_agreement": 0.7, "kl_per_token": 0.2,
+         "methods": {"rank": "obs", "correction": "lstsq"}})
 elif name == "sparsify_lm":
     patterns = params.get("sparsify", {}).get("patterns", ["50%"])
     dump("metrics/sparse_lm.json", {"points": [{"method": "apt", "pattern": p} for p in patterns]})
@@ -138,6 +143,14 @@ GIT = ["git", "-c", "user.name=pruneflow-test", "-c", "user.email=test@pruneflow
 
 LM_DVC_YAML = """
 stages:
+  evaluate:
+    wdir: ..
+    cmd: python fake_stage.py lm_evaluate
+    deps: [fake_stage.py]
+    params:
+      - lm/params.yaml: [select]
+    metrics:
+      - metrics/lm/quality.json: {cache: false}
   sparsify_lm:
     wdir: ..
     cmd: python fake_stage.py sparsify_lm
@@ -157,6 +170,7 @@ def make_project(root: Path) -> Path:
     (root / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
     (root / "lm").mkdir()
     (root / "lm/dvc.yaml").write_text(textwrap.dedent(LM_DVC_YAML))
+    (root / "lm/params.yaml").write_text("task:\n  kind: causal_lm\nselect:\n  budget: 0.7\n")
     (root / "params.yaml").write_text(PARAMS_YAML)
     dvc = [sys.executable, "-m", "dvc"]
     for cmd in (["git", "init", "-q"], dvc + ["init", "-q"], dvc + ["config", "core.analytics", "false"],
@@ -251,14 +265,20 @@ def test_two_runs_with_different_budgets_are_two_experiments_and_a_repeat_recomp
     assert named["experiment"] in experiments(project) and named["experiment"] not in {"b03", "b06", "b03-again"}
 
 
-def test_the_lm_pipeline_is_a_parameter_of_the_same_flow(prefect_server, tmp_path):
+def test_the_lm_pipelines_are_a_parameter_of_the_same_flow(prefect_server, tmp_path):
     project = make_project(tmp_path / "proj")
     before = checkout_state(project)
-    result = prune_pipeline(project_dir=str(project), pipeline="lm", experiment="lm-24",
+    result = prune_pipeline(project_dir=str(project), pipeline="lm-sparse", experiment="lm-24",
                             overrides={"sparsify.patterns": ["2:4"]})
-    assert attempts(project) == ["sparsify_lm"]  # lm/dvc.yaml only, not the classifier's stages
+    assert attempts(project) == ["sparsify_lm"]  # that stage of lm/dvc.yaml only, not the classifier's stages
     assert result["stages"] == {"sparsify_lm": "ran"} and result["table"] == "| method | 2:4 |\n"
-    assert "(lm pipeline), experiment lm-24" in result["markdown"] and "| method | 2:4 |" in result["markdown"]
+    assert "(lm-sparse pipeline), experiment lm-24" in result["markdown"] and "| method | 2:4 |" in result["markdown"]
+    # structured: its own params file (lm/params.yaml) takes the override; the table is the task's headline
+    result = prune_pipeline(project_dir=str(project), pipeline="lm", experiment="lm-08",
+                            overrides={"select.budget": 0.8})
+    assert attempts(project) == ["sparsify_lm", "lm_evaluate"]
+    assert result["budget"] == 0.8 and result["quality"]["perplexity_pruned"] == 44.0
+    assert "| perplexity_pruned | 44 |" in result["markdown"] and "methods: rank=obs" in result["markdown"]
     assert "| method | 2:4 |" in Artifact.get(RESULTS_ARTIFACT_KEY).data
     assert checkout_state(project) == before
     with pytest.raises(ValueError, match="pipeline 'vision'"):
@@ -347,6 +367,8 @@ def test_build_deployment_targets_the_gpu_pool_on_a_cron_schedule():
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     assert deployment.entrypoint == "flows/pipeline.py:prune_pipeline"
     assert deployment.parameters["project_dir"] == "."
+    lm = build_deployment(cron="0 3 * * *", pipeline="lm")
+    assert lm.parameters["pipeline"] == "lm" and lm.parameters["params_file"] == "lm/params.yaml"
     with pytest.raises(ParamsError, match="select.budget"):
         build_deployment(overrides={"select.budget": 2})
 

@@ -44,12 +44,12 @@ def lm_project(tmp_path):
 
 def run(stage, root, *extra):
     return stage_main(stage.__name__.split(".")[-1], stage.run, ["--params", str(root / "params.yaml"), "--root",
-                                                                  str(root), *extra])
+                                                                  str(root), "--data", "data/lm", *extra])
 
 
 def test_prepare_then_sparsify_end_to_end(lm_project, capsys):
     assert run(lm_prepare, lm_project) == 0
-    windows = load_tensors(lm_project / "data/lm/windows.safetensors")
+    windows = load_tensors(lm_project / "data/lm/prepared/windows.safetensors")
     assert windows["calib"].shape == (8, 16) and windows["eval"].shape == (4, 16)
     assert run(sparsify_lm, lm_project) == 0
     result = json.loads((lm_project / "metrics/sparse_lm.json").read_text())
@@ -81,7 +81,7 @@ def test_bad_inputs_fail_early_and_write_nothing(lm_project, change, message, ca
     (lm_project / "params.yaml").write_text(yaml.safe_dump(params))
     assert run(lm_prepare, lm_project) == 2
     assert message in capsys.readouterr().err
-    assert not (lm_project / "data/lm/dense").exists() and not (lm_project / "data/lm/windows.safetensors").exists()
+    assert not (lm_project / "data/lm/dense").exists() and not (lm_project / "data/lm/prepared/windows.safetensors").exists()
 
 
 def test_unsupported_architecture_and_missing_model(lm_project, capsys):
@@ -125,3 +125,107 @@ def test_dense_reference_matches_running_the_dense_model():
     assert cached["window_nll"] == pytest.approx(direct["window_nll"], rel=1e-6)
     with pytest.raises(ValueError, match="batch_size"):
         lm_quality(DenseReference(dense, windows, batch_size=2), pruned, windows, batch_size=4)
+
+
+# --- structured pruning of a decoder: the same stage modules as the classifier, on the LM layout ----------------
+
+STRUCTURED = ("collect", "rank", "select", "correct", "evaluate")
+
+
+def structured_params(root, **select) -> str:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params |= {"task": {"kind": "causal_lm"}, "collect": {"batch_size": 4}, "evaluate": {"batch_size": 4},
+               "select": {"budget": 0.6, "min_neurons": 4, **select}}
+    path = root / "lm_params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+def run_structured(root, params_file, stages=STRUCTURED, *extra) -> None:
+    import importlib
+
+    for name in stages:
+        mod = importlib.import_module(f"stages.{name}")
+        rc = stage_main(name, mod.run, ["--params", params_file, "--root", str(root), "--data", "data/lm",
+                                        "--metrics", "metrics/lm", "--plots", "plots/lm", *extra])
+        assert rc == 0, name
+
+
+def test_structured_chain_on_a_decoder(lm_project):
+    """collect -> evaluate on a tiny GQA Llama: grouped heads kept equally per KV group, the budget met, the
+    sequential refit run, perplexity and agreement reported, and the pruned model reloads from its manifest."""
+    from pruneflow.plan import load_pruned
+
+    assert run(lm_prepare, lm_project) == 0
+    run_structured(lm_project, structured_params(lm_project))
+    m = lm_project / "metrics/lm"
+    sel = json.loads((lm_project / "data/lm/select/selection.json").read_text())
+    assert sel["cost_ratio"] <= 0.6 and sel["seq_len"] == 16
+    for heads in sel["keep_heads"]:  # 4 query heads in 2 KV groups (0-1, 2-3): the same count in each
+        assert len(heads) % 2 == 0 and sum(h < 2 for h in heads) == len(heads) // 2
+    q = json.loads((m / "quality.json").read_text())
+    assert q["methods"]["sequential"] is True and q["methods"]["rank"] == "obs"
+    assert q["perplexity_dense"] > 1 and q["perplexity_pruned"] > 1 and 0 <= q["next_token_agreement"] <= 1
+    assert q["n_eval"] == 4 and q["tokens"] == 4 * 15 and q["flops_ratio"] <= 0.6 + 1e-9
+    assert q["calibration_sentences"] == 8 and q["forward_seconds"] is not None
+    pruned = load_pruned(lm_project / "data/lm/pruned")
+    assert pruned.model.layers[0].mlp.down_proj.in_features == sel["neurons_per_layer"][0]
+
+
+def test_structured_sweep_on_a_decoder(lm_project):
+    """The sweep stage on the LM layout: perplexity table with paired bootstrap marks against the baseline."""
+    assert run(lm_prepare, lm_project) == 0
+    path = structured_params(lm_project)
+    params = yaml.safe_load(open(path))
+    params["sweep"] = {"budgets": [0.8, 0.6], "methods": ["obs", "activation+noseq"], "baseline": "activation+noseq"}
+    open(path, "w").write(yaml.safe_dump(params))
+    run_structured(lm_project, path, ("collect", "sweep"))
+    rows = json.loads((lm_project / "metrics/lm/sweep.json").read_text())["points"]
+    assert {(r["method"], r["budget"]) for r in rows} == {(m, b) for m in ("obs", "activation+noseq") for b in (0.8, 0.6)}
+    obs = [r for r in rows if r["method"] == "obs"]
+    assert all(r["vs_baseline"]["perplexity_pruned"]["items"] == 4 for r in obs)
+    table = (lm_project / "plots/lm/sweep.md").read_text()
+    assert "Held-out perplexity" in table and "paired bootstrap" in table and "| obs |" in table
+    assert (lm_project / "plots/lm/sweep.png").stat().st_size > 0
+
+
+def test_gqa_budget_below_one_head_per_group_fails_clearly(lm_project):
+    assert run(lm_prepare, lm_project) == 0
+    path = structured_params(lm_project, budget=0.05, min_neurons=40)
+    run_structured(lm_project, path, ("collect", "rank"))
+    import importlib
+
+    mod = importlib.import_module("stages.select")
+    assert stage_main("select", mod.run, ["--params", path, "--root", str(lm_project), "--data", "data/lm",
+                                          "--metrics", "metrics/lm"]) == 2
+    assert not (lm_project / "data/lm/select").exists()
+
+
+def test_lm_benchmark_exports_checks_parity_and_times_both_models(lm_project):
+    """KV-cache ONNX files for dense and pruned, prefill logits and greedy tokens checked against PyTorch, then
+    prefill and decode timings with their ideal speed-ups (FLOPs; weight bytes per token)."""
+    from stages import lm_benchmark
+
+    assert run(lm_prepare, lm_project) == 0
+    path = structured_params(lm_project)
+    params = yaml.safe_load(open(path))
+    params["benchmark"] = {"prefill": [[1, 12], [2, 8]], "decode_batches": [1, 2], "decode_prompt": 6,
+                           "decode_new": 4, "warmup": 0, "iters": 1, "iters_decode": 1, "parity_tokens": 5,
+                           "reference": [2, 8], "provider": "cpu"}
+    open(path, "w").write(yaml.safe_dump(params))
+    run_structured(lm_project, path, STRUCTURED[:-1] + ("lm_benchmark",))
+    speed = json.loads((lm_project / "metrics/lm/speed.json").read_text())
+    for name in ("dense", "pruned"):
+        assert (lm_project / f"data/lm/onnx/{name}.onnx").stat().st_size > 0
+        assert speed["parity"][name]["greedy_tokens_identical"] and speed["parity"][name]["greedy_tokens"] == 5
+    assert [(r["batch"], r["tokens"]) for r in speed["prefill"]] == [(1, 12), (2, 8)]
+    assert all(r["ideal_speedup"] > 1 and r["ort"]["speedup"] > 0 and r["torch"]["speedup"] > 0
+               for r in speed["prefill"])
+    w = speed["weight_bytes_per_token"]
+    assert [r["batch"] for r in speed["decode"]] == [1, 2] and speed["decode"][0]["ideal_speedup"] == w["dense"] / w["pruned"]
+    # a prompt longer than the eval windows is refused before anything is timed
+    params["benchmark"]["decode_prompt"] = 64
+    open(path, "w").write(yaml.safe_dump(params))
+    rc = stage_main("lm_benchmark", lm_benchmark.run, ["--params", path, "--root", str(lm_project), "--data",
+                                                       "data/lm", "--metrics", "metrics/lm"])
+    assert rc == 2

@@ -112,7 +112,7 @@ class CausalLM(Task):
         from transformers import AutoModelForCausalLM
 
         return self.load_pruned_or(path, attn, lambda p: AutoModelForCausalLM.from_pretrained(
-            str(p), attn_implementation=attn, torch_dtype=torch.float32))
+            str(p), attn_implementation=attn, dtype=torch.float32))
 
     def calibration_batches(self, prepared, tokenizer, c, device, max_samples=None, token_cap=True):
         # Windows have a fixed length, so a batch is `collect.batch_size` windows; max_tokens and max_length

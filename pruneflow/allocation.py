@@ -79,6 +79,14 @@ def uniform(n_layers: int, H: int, N: int, c: Costs, target: int, min_heads: int
         if h % head_step:
             raise ValueError(f"select.uniform_heads={heads}: grouped-query attention keeps the same number of query "
                              f"heads in each KV group; give a multiple of {head_step}")
+    elif head_step > 1:
+        # Grouped-query attention makes head counts coarse (SmolLM2: 3, 6 or 9 of 9), and the bisection below
+        # would then jump a whole step (at 0.9 of the FLOPs it kept 6 heads and 97% of the neurons). Take the
+        # allowed count whose kept fraction is closest to the neurons' kept fraction it leaves room for.
+        fits = [h for h in allowed if neurons_fitting(h) >= min(min_neurons, N)]
+        if not fits:
+            raise InfeasibleBudget(macs([allowed[0]] * n_layers, [min(min_neurons, N)] * n_layers, c))
+        h = min(fits, key=lambda h: (abs(h / H - neurons_fitting(h) / N), -h))
     else:
         lo, hi = 0.0, 1.0
         for _ in range(60):

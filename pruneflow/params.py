@@ -131,7 +131,9 @@ class SelectParams(Section):
     cost: Literal["flops", "params", "nonzeros"] = Field(
         "flops", description="flops: fvcore FLOPs at seq_len; params: parameters of the transformer blocks; "
                              "nonzeros: nonzero weights of the blocks' Linear layers (pruneflow/cost.py)")
-    allocation: Literal["uniform", "error"] = "uniform"
+    allocation: Literal["uniform", "error", "ranking"] = Field(
+        "uniform", description="uniform: the same counts per layer; error: greedy by reconstruction error per unit "
+                               "of cost; ranking: the units a global rank method (bonsai) kept for this budget")
     seq_len: int | Literal["auto"] = Field("auto", description="FLOPs are counted at this length; auto = mean calib length")
     min_heads: int = Field(1, ge=0, description="per layer; 0 lets a layer lose its attention entirely")
     min_neurons: int = Field(16, ge=0, description="per layer; 0 lets a layer lose its FFN entirely")

@@ -40,17 +40,27 @@ def error_space(adapter: Adapter, i: int, name: str, W: torch.Tensor, st: Module
 
 
 def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: bool = True,
-               calibration=None) -> dict:
-    """Orders (least important first) and error curves for every layer and sublayer."""
+               calibration=None, task=None, select=None, seq_len: int | None = None) -> dict:
+    """Orders (least important first) and error curves for every layer and sublayer. A global method (bonsai)
+    plans the whole model first (it needs the task, the select params and seq_len) and its kept units are
+    recorded in the ranking."""
     methods = {"ffn": method_options(p, p.method), "attn": method_options(p, head_method_name(p))}
-    ctx = RankContext(adapter, stats, p.seed, calibration)
+    ctx = RankContext(adapter, stats, p.seed, calibration, task, select, seq_len)
+    plan = None
+    if methods["ffn"].global_plan or methods["attn"].global_plan:
+        if type(methods["ffn"]) is not type(methods["attn"]):
+            raise ValueError(f"rank.method={p.method} searches heads and neurons together: leave rank.heads=auto")
+        plan = methods["ffn"].plan(ctx)
     layers = []
     for i in tqdm(range(adapter.num_layers), desc=f"rank ({p.method})", disable=not progress):
         entry = {}
         for name in SUBLAYERS:
             st = ctx.sublayer_stats(i, name)
             method = methods[name]
-            order = None if method.greedy else scoring.order_from_scores(method.scores(ctx, i, name))
+            if plan is not None:
+                order = plan["order"][(i, name)]
+            else:
+                order = None if method.greedy else scoring.order_from_scores(method.scores(ctx, i, name))
             units = adapter.units(name)
             chunk = 1 if name == "attn" else max(1, math.ceil(p.chunk * units))
             W = adapter.out_proj(i, name).weight.detach()
@@ -59,4 +69,8 @@ def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: boo
             entry[name] = {"units": units, "order": path.order, "removed": path.removed,
                            "error": [e / scale for e in path.error], "scale": scale}
         layers.append(entry)
-    return {"method": p.method, "head_method": head_method_name(p), "layers": layers}
+    out = {"method": p.method, "head_method": head_method_name(p), "layers": layers}
+    if plan is not None:
+        out |= {"keep_heads": plan["keep_heads"], "keep_neurons": plan["keep_neurons"], "rounds": plan["rounds"],
+                "budget": select.budget, "cost": select.cost}
+    return out

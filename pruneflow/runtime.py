@@ -17,6 +17,9 @@ from pruneflow.params import Params, ParamsError, load_params, parse_overrides
 log = logging.getLogger("pruneflow")
 
 
+WINDOWS_FILE = "windows.safetensors"  # the causal-LM task's token windows (calib, eval), in the prepared folder
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each stage reads and writes: data (DVC's), metrics and plots folders under the project root. One
@@ -33,6 +36,8 @@ class Layout:
 
     @property
     def prepared(self) -> Path: return self.root / self.data / "prepared"
+    @property
+    def windows(self) -> Path: return self.prepared / WINDOWS_FILE
     @property
     def dense(self) -> Path: return self.root / self.data / "dense"
     @property

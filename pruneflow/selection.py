@@ -59,6 +59,17 @@ def allocate(ranking: dict, p: SelectParams, costs: allocation.Costs, target: in
                                head_step)
 
 
+def ranking_keep_sets(ranking: dict, p: SelectParams) -> tuple[list[list[int]], list[list[int]]]:
+    """allocation=ranking: the units a global rank method (bonsai) chose itself, for this very budget."""
+    if "keep_heads" not in ranking:
+        raise ValueError(f"select.allocation=ranking keeps the units the rank method chose, but rank.method="
+                         f"{ranking['method']} ranks layer by layer; use uniform or error (or rank.method=bonsai)")
+    if (ranking.get("budget"), ranking.get("cost")) != (p.budget, p.cost):
+        raise ValueError(f"the ranking was searched for budget {ranking.get('budget')} of {ranking.get('cost')}, not "
+                         f"select.budget={p.budget} of {p.cost}: re-run rank")
+    return ranking["keep_heads"], ranking["keep_neurons"]
+
+
 def select_units(model, adapter: Adapter, ranking: dict, p: SelectParams, cost: Cost, seq_len: int) -> dict:
     """Allocation under the budget, verified by measuring the sliced model; FLOPs at seq_len reported too."""
     flops = cost if isinstance(cost, FlopCost) else FlopCost(seq_len, p.tolerance)
@@ -73,13 +84,19 @@ def select_units(model, adapter: Adapter, ranking: dict, p: SelectParams, cost: 
     head_step = adapter.dense_kv_heads if adapter.group > 1 else 1
     try:
         for _ in range(5):
-            heads, neurons = allocate(ranking, p, costs, target, L, H, N, head_step)
-            keep_h, keep_n = keep_sets(ranking, heads, neurons, adapter.group)
+            if p.allocation == "ranking":
+                keep_h, keep_n = ranking_keep_sets(ranking, p)
+            else:
+                heads, neurons = allocate(ranking, p, costs, target, L, H, N, head_step)
+                keep_h, keep_n = keep_sets(ranking, heads, neurons, adapter.group)
             pruned_model = copy.deepcopy(model)
             get_adapter(pruned_model).slice_(keep_h, keep_n)
             pruned = cost.measure(pruned_model)
             if pruned.total <= allowed:
                 break
+            if p.allocation == "ranking":
+                raise ValueError(f"the units rank.method={ranking['method']} kept measure {pruned.total / dense.total:.4f} "
+                                 f"of dense ({cost.describe()}), over select.budget={p.budget}")
             # The model and the measurement disagree (e.g. an emptied sublayer's constant): tighten by at
             # least one neuron's cost so the next allocation differs.
             target -= max(pruned.total - math.floor(allowed), costs.neuron)

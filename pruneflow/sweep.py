@@ -17,6 +17,7 @@ from pruneflow.adapters import get_adapter
 from pruneflow.artifacts import atomic_path, write_json, write_text
 from pruneflow.correction import METHODS as CORRECTIONS
 from pruneflow.cost import make_cost
+from pruneflow.methods import METHODS
 from pruneflow.params import Params
 from pruneflow.pruning import prune_to_selection, uses_sequential
 from pruneflow.ranking import rank_model
@@ -25,7 +26,7 @@ from pruneflow.selection import resolve_seq_len, select_units
 from pruneflow.stats import load_statistics
 from pruneflow.tasks import get_task
 
-ALLOCATIONS = ("uniform", "error")
+ALLOCATIONS = ("uniform", "error", "ranking")
 
 
 def parse_spec(spec: str, params: Params) -> Params:
@@ -91,12 +92,16 @@ def run_point(params: Params, layout: Layout, method: str, budget: float) -> dic
     p = parse_spec(method, params)
     p = p.model_copy(update={"select": p.select.model_copy(update={"budget": budget})})
     t0 = time.perf_counter()
+    seq_len = resolve_seq_len(p.select.seq_len, ctx.stats.info())
     key = p.rank.model_dump_json()
+    if METHODS[p.rank.method].global_plan:  # it searches for this very budget
+        key += p.select.model_dump_json()
     if key not in ctx.rankings:
         r0 = time.perf_counter()
-        ctx.rankings[key] = (rank_model(ctx.adapter, ctx.stats, p.rank, progress=False), time.perf_counter() - r0)
+        calibration = lambda: ctx.task.calibration_batches(layout.prepared, ctx.tokenizer, p.collect, ctx.device)  # noqa: E731
+        ctx.rankings[key] = (rank_model(ctx.adapter, ctx.stats, p.rank, progress=False, calibration=calibration,
+                                        task=ctx.task, select=p.select, seq_len=seq_len), time.perf_counter() - r0)
     ranking, rank_seconds = ctx.rankings[key]
-    seq_len = resolve_seq_len(p.select.seq_len, ctx.stats.info())
     sel = select_units(ctx.model, ctx.adapter, ranking, p.select, make_cost(p.select.cost, seq_len, p.select.tolerance),
                        seq_len)
     trace = (lambda: ctx.dense_trace(p, layout)) if uses_sequential(p.correct) else None

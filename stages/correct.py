@@ -1,7 +1,8 @@
 """correct: physically slice the dense model to the selection and correct the kept weights in closed form.
 
 reads   data/dense, data/stats, data/select/selection.json, data/prepared/calib.jsonl (sequential only)
-writes  data/pruned/ (model.safetensors, dense config.json, manifest.json, tokenizer), metrics/correct.json
+writes  data/pruned/ (model.safetensors, dense config.json, manifest.json, tokenizer; plus plain/, an ordinary
+        Hugging Face checkpoint, when the shape allows: a uniformly pruned Llama-family decoder), metrics/correct.json
 params  correct, collect (tokenization of calibration text, sequential only), task, runtime
 Each pruned sublayer's output projection (and bias, where it has one) is refit so that it reproduces the dense
 sublayer's output on calibration data (pruneflow/correction.py). correct.sequential=true refits each layer on
@@ -16,6 +17,7 @@ import sys
 import time
 
 from pruneflow.artifacts import read_json, write_json
+from pruneflow.hf_checkpoint import save_plain_checkpoint
 from pruneflow.params import Params
 from pruneflow.plan import save_pruned
 from pruneflow.pruning import prune_to_selection, uses_sequential
@@ -48,11 +50,18 @@ def run(params: Params, layout: Layout) -> dict:
     info = {k: sel[k] for k in ("budget", "cost", "allocation", "seq_len", "ranking", "flops_dense", "flops_pruned",
                                 "flops_ratio")}
     info |= {"correction": p.method, "sequential": uses_sequential(p)}
-    save_pruned(pruned_model, layout.pruned, plan, info, load_tokenizer(layout.dense))
+    tokenizer = load_tokenizer(layout.dense)
+    save_pruned(pruned_model, layout.pruned, plan, info, tokenizer)
+    try:  # uniformly pruned decoders are also an ordinary checkpoint of their architecture
+        save_plain_checkpoint(pruned_model, layout.pruned / "plain", tokenizer)
+        plain = str(layout.pruned / "plain")
+    except ValueError as why:
+        plain = None
+        log.info("no plain Hugging Face checkpoint (the manifest format holds the model): %s", why)
     mean = lambda key: sum(r[key] for r in report) / len(report)  # noqa: E731
     metrics = {"method": p.method, "sequential": uses_sequential(p), "seconds": round(seconds, 2),
                "mean_rel_error_sliced": mean("rel_error_sliced"), "mean_rel_error_corrected": mean("rel_error_corrected"),
-               "layers": report}
+               "plain_checkpoint": plain, "layers": report}
     write_json(layout.metrics / "correct.json", metrics)
     log.info("%s correction: mean relative error %.4g -> %.4g", p.method, metrics["mean_rel_error_sliced"],
              metrics["mean_rel_error_corrected"])

@@ -17,7 +17,6 @@ from pruneflow.artifacts import atomic_path, save_tensors, write_json
 from pruneflow.lm_assets import calibration_windows, load_source_model, read_texts, token_windows
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, stage_main
-from pruneflow.tasks.causal_lm import WINDOWS
 
 
 def run(params: Params, layout: Layout) -> dict:
@@ -35,7 +34,7 @@ def run(params: Params, layout: Layout) -> dict:
         context = getattr(AutoConfig.from_pretrained(str(staging)), "max_position_embeddings", None)
         windows = {"calib": calibration_windows(tok, texts["calib"], lm.window, lm.calib_windows, context),
                    "eval": token_windows(tok, texts["eval"], lm.window, lm.eval_windows, context)}
-        save_tensors(layout.prepared / WINDOWS, {k: v.to(torch.int64) for k, v in windows.items()})
+        save_tensors(layout.windows, {k: v.to(torch.int64) for k, v in windows.items()})
     summary = {"calib_windows": len(windows["calib"]), "eval_windows": len(windows["eval"]), "window": lm.window,
                "calib_texts": lm.calib_texts, "eval_texts": lm.eval_texts,
                "eval_tokens": int(windows["eval"].numel())}

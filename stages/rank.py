@@ -3,8 +3,9 @@
 reads   data/dense (weights), data/stats (calibration statistics), the task's calibration data (forward-only
         methods run the model on it)
 writes  data/rank/ranking.json, metrics/rank.json
-params  rank, task, collect (tokenization of calibration text), runtime
-rank.method names a registered method (pruneflow/methods/: obs, kcm, activation, magnitude, random). Each
+params  rank, task, collect (tokenization of calibration text), runtime; select (budget, cost, seq_len) for a
+        global method (bonsai) that meets the budget itself
+rank.method names a registered method (pruneflow/methods/: obs, kcm, activation, magnitude, random, bonsai). Each
 layer's order comes with its error curve (pruneflow/ranking.py), which select uses to spend the budget.
 """
 
@@ -17,6 +18,7 @@ from pruneflow.adapters import get_adapter
 from pruneflow.artifacts import write_json
 from pruneflow.params import Params
 from pruneflow.ranking import rank_model
+from pruneflow.selection import resolve_seq_len
 from pruneflow.runtime import Layout, load_tokenizer, setup_torch, stage_main
 from pruneflow.stats import load_statistics
 from pruneflow.tasks import get_task
@@ -32,11 +34,14 @@ def run(params: Params, layout: Layout) -> dict:
     def calibration():  # only forward-only methods call it
         return task.calibration_batches(layout.prepared, load_tokenizer(layout.dense), c, device)
 
-    ranking = rank_model(get_adapter(model), load_statistics(layout.stats), params.rank, calibration=calibration)
+    stats = load_statistics(layout.stats)
+    seq_len = resolve_seq_len(params.select.seq_len, stats.info())
+    ranking = rank_model(get_adapter(model), stats, params.rank, calibration=calibration, task=task,
+                         select=params.select, seq_len=seq_len)
     seconds = time.perf_counter() - t0
     write_json(layout.ranking, ranking)
     write_json(layout.metrics / "rank.json", {"method": params.rank.method, "head_method": ranking["head_method"],
-                                              "seconds": round(seconds, 2)})
+                                              "seconds": round(seconds, 2), "rounds": ranking.get("rounds")})
     return {"method": params.rank.method, "seconds": round(seconds, 2)}
 
 

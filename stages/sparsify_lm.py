@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pruneflow.adapters import get_adapter
 from pruneflow.artifacts import load_tensors, write_json, write_text
-from pruneflow.tasks.causal_lm import WINDOWS, DenseReference, lm_quality
+from pruneflow.tasks.causal_lm import DenseReference, lm_quality
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, peak_rss_mb, setup_torch, stage_main
 from pruneflow.sparsify import Pattern, check_sparsify_params, density, sparsify_model, sparsity_method
@@ -39,7 +39,7 @@ def run(params: Params, layout: Layout) -> dict:
     dense_dir = layout.dense
     if not (dense_dir / "config.json").exists():
         raise FileNotFoundError(f"{dense_dir} not found: run lm_prepare first (dvc repro lm/dvc.yaml)")
-    windows = load_tensors(layout.prepared / WINDOWS)
+    windows = load_tensors(layout.windows)
     calib, evalw, bs = windows["calib"], windows["eval"], params.lm.batch_size
     dense = AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32).eval()
     get_adapter(dense)  # unsupported architectures fail before any work

@@ -273,13 +273,14 @@ def test_the_lm_pipelines_are_a_parameter_of_the_same_flow(prefect_server, tmp_p
     assert attempts(project) == ["sparsify_lm"]  # that stage of lm/dvc.yaml only, not the classifier's stages
     assert result["stages"] == {"sparsify_lm": "ran"} and result["table"] == "| method | 2:4 |\n"
     assert "(lm-sparse pipeline), experiment lm-24" in result["markdown"] and "| method | 2:4 |" in result["markdown"]
+    assert "| method | 2:4 |" in Artifact.get(RESULTS_ARTIFACT_KEY).data
     # structured: its own params file (lm/params.yaml) takes the override; the table is the task's headline
     result = prune_pipeline(project_dir=str(project), pipeline="lm", experiment="lm-08",
                             overrides={"select.budget": 0.8})
     assert attempts(project) == ["sparsify_lm", "lm_evaluate"]
     assert result["budget"] == 0.8 and result["quality"]["perplexity_pruned"] == 44.0
     assert "| perplexity_pruned | 44 |" in result["markdown"] and "methods: rank=obs" in result["markdown"]
-    assert "| method | 2:4 |" in Artifact.get(RESULTS_ARTIFACT_KEY).data
+    assert "| perplexity_pruned | 44 |" in Artifact.get(RESULTS_ARTIFACT_KEY).data
     assert checkout_state(project) == before
     with pytest.raises(ValueError, match="pipeline 'vision'"):
         prune_pipeline(project_dir=str(project), pipeline="vision")

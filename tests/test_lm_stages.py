@@ -170,6 +170,14 @@ def test_structured_chain_on_a_decoder(lm_project):
     assert q["calibration_sentences"] == 8 and q["forward_seconds"] is not None
     pruned = load_pruned(lm_project / "data/lm/pruned")
     assert pruned.model.layers[0].mlp.down_proj.in_features == sel["neurons_per_layer"][0]
+    # uniform allocation: also an ordinary checkpoint of its architecture, computing the same logits
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(lm_project / "data/lm/pruned/plain")).eval()
+    ids = torch.randint(0, 120, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, pruned(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert json.loads((m / "correct.json").read_text())["plain_checkpoint"].endswith("plain")
 
 
 def test_structured_sweep_on_a_decoder(lm_project):

@@ -1,6 +1,6 @@
 """Ranking methods, one file each, registered by name (see base.py)."""
 
-from pruneflow.methods import activation, kcm, magnitude, obs, random  # noqa: F401  (registration)
+from pruneflow.methods import activation, bonsai, kcm, magnitude, obs, random  # noqa: F401  (registration)
 from pruneflow.methods.base import METHODS, Method, RankContext, register  # noqa: F401
 from pruneflow.params import ParamsError, RankParams
 

@@ -11,7 +11,7 @@ masks applied by hooks (`adapter.masked`), without copying the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -26,6 +26,9 @@ class RankContext:
     stats: Statistics
     seed: int = 0
     calibration: Callable[[], Iterable[dict]] | None = None  # fresh iterator of tokenized calibration batches
+    task: Any = None  # the task (global methods score sub-models by its calibration_loss)
+    select: Any = None  # the select params (global methods that meet the budget themselves)
+    seq_len: int | None = None  # the length FLOPs are counted at
 
     def sublayer_stats(self, i: int, name: str) -> ModuleStats:
         return self.stats.sublayer(self.adapter, i, name)
@@ -43,6 +46,14 @@ class Method(BaseModel):
     name: ClassVar[str]
     ranks_heads: ClassVar[bool] = True  # False: heads are ranked by `activation` unless rank.heads says otherwise
     greedy: ClassVar[bool] = False  # True: no scores, the elimination path picks units greedily (obs)
+    # True: one search over the whole model (`plan`) gives every layer's order and the kept units themselves
+    # (bonsai); select.allocation=ranking then keeps exactly those.
+    global_plan: ClassVar[bool] = False
+
+    def plan(self, ctx: RankContext) -> dict:
+        """Global methods: {"order": {(layer, sublayer): dense unit ids, least important first},
+        "keep_heads": [[...] per layer], "keep_neurons": [[...] per layer], "rounds": [...]}."""
+        raise NotImplementedError(f"{type(self).__name__} ranks layer by layer")
 
     def scores(self, ctx: RankContext, i: int, sublayer: str) -> torch.Tensor:
         """Importance of every unit of layer i's sublayer ("attn": heads, "ffn": neurons), higher = keep."""

@@ -107,6 +107,15 @@ class Task(ABC):
         quality keys they aggregate to). Boolean outcomes are compared by McNemar's test, numbers (e.g. a
         window's NLL) by a paired bootstrap: what the sweep's paired tests between two pruned models use."""
 
+    def calibration_reference(self, dense_model: nn.Module, batches: list[dict]) -> Any:
+        """What `calibration_loss` compares against, from the dense model on the same batches (None: nothing)."""
+        return None
+
+    @abstractmethod
+    def calibration_loss(self, model: nn.Module, batches: list[dict], reference: Any) -> float:
+        """A label-free loss of `model` on calibration batches, lower is better (what forward-only searches such
+        as Bonsai score sub-models by)."""
+
     def export_metadata(self, model: nn.Module) -> dict[str, str]:
         """Key/value strings written into an exported file's metadata."""
         return {}

@@ -9,23 +9,21 @@ once (DenseReference, float16) and every pruned model is compared with them.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pruneflow.runtime import WINDOWS_FILE
 from pruneflow.tasks.base import Calibration, Column, Task, register
-
-WINDOWS = "windows.safetensors"
 
 
 def read_windows(prepared: str | Path, split: str) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    path = Path(prepared) / WINDOWS
+    path = Path(prepared) / WINDOWS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the lm_prepare stage first (dvc repro lm/dvc.yaml:lm_prepare)")
     windows = load_file(str(path))[split]
@@ -119,6 +117,17 @@ class CausalLM(Task):
         # (sentence tokenization) do not apply.
         windows = read_windows(prepared, "calib")[: c.max_samples][:max_samples]
         return Calibration(len(windows), lambda: window_batches(windows, c.batch_size, device))
+
+    @torch.inference_mode()
+    def calibration_loss(self, model, batches, reference):
+        """Mean next-token NLL on the calibration windows (log perplexity; no dense reference needed)."""
+        nll, n = 0.0, 0
+        for enc in batches:
+            logits = model(input_ids=enc["input_ids"]).logits[:, :-1].float()
+            target = enc["input_ids"][:, 1:]
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+            n += target.numel()
+        return nll / max(n, 1)
 
     def reference(self, dense_model, prepared, tokenizer, ev, device):
         windows = read_windows(prepared, "eval")

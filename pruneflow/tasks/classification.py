@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pruneflow.artifacts import read_jsonl
 from pruneflow.stats import length_sorted_batches, tokenized_batches
@@ -69,6 +70,17 @@ class Classification(Task):
                               ev.max_length, "eval pruned")
         return (self.quality(r["logits"], pruned, r["labels"]),
                 self.item_outcomes(r["logits"], pruned, r["labels"]))
+
+    @torch.inference_mode()
+    def calibration_reference(self, dense_model, batches):
+        return [torch.log_softmax(dense_model(**enc).logits.float(), -1) for enc in batches]
+
+    @torch.inference_mode()
+    def calibration_loss(self, model, batches, reference):
+        """Mean KL(dense ‖ model) of the class distributions (no labels needed)."""
+        kl = [torch.nn.functional.kl_div(torch.log_softmax(model(**enc).logits.float(), -1), ref, log_target=True,
+                                         reduction="sum") for enc, ref in zip(batches, reference)]
+        return float(sum(kl) / sum(len(r) for r in reference))
 
     def eval_split(self, prepared) -> tuple[list[str], list | None]:
         """Held-out eval texts and their labels (None when unlabeled)."""

@@ -218,7 +218,8 @@ def _plot(rows: list[dict], layout: Layout, task) -> None:
             ax.set_yscale("log")
         ax.set_xlabel("FLOPs of pruned / dense (fvcore)")
         ax.set_ylabel(col.label)
-        ax.set_title("zoom: within 4 points of dense" if zoom else "all methods")
+        near = "within 4 points of dense" if col.higher_is_better else f"up to 1.5× the dense {col.label}"
+        ax.set_title(f"zoom: {near}" if zoom else "all methods")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -108,7 +108,7 @@ def run(params: Params, layout: Layout) -> dict:
 
     weights = {n: weight_bytes_per_token(m) for n, m in models.items()}
     decode = []
-    with tqdm(total=len(b.decode_batches) * 2 * b.iters_decode * 2, desc="decode", unit="run") as bar:
+    with tqdm(total=len(b.decode_batches) * 2 * b.iters_decode, desc="decode", unit="round") as bar:
         for batch in b.decode_batches:
             ids = prompts(windows, batch, b.decode_prompt)
             mask = np.ones_like(ids)

@@ -28,8 +28,8 @@ class Bonsai(Method):
     global_plan: ClassVar[bool] = True
 
     prune_frac: float = Field(0.05, gt=0, le=0.5, description="fraction of the original prunable cost per round")
-    masks_per_round: int = Field(40, ge=2, description="sub-models scored per round (antithetic pairs); paper: 200")
-    samples: int = Field(8, ge=1, description="calibration sequences every sub-model is scored on; paper: 32 x 4096 tokens")
+    masks_per_round: int = Field(20, ge=2, description="sub-models scored per round (antithetic pairs); paper: 200")
+    samples: int = Field(4, ge=1, description="calibration sequences every sub-model is scored on; paper: 32 x 4096 tokens")
     lambdas: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.05, 0.2],
                                  description="L1 penalties tried (relative to the one that zeroes every coefficient)")
     folds: int = Field(5, ge=2, description="cross-validation folds (Kendall tau) choosing the penalty")

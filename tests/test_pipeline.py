@@ -52,13 +52,19 @@ def test_dvc_pipeline_end_to_end_then_up_to_date(tiny_project):
     again = dvc(tiny_project, "repro")  # nothing changed: nothing runs
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
 
-    # A pruning parameter re-runs select and what depends on it, never the stages before it.
+    # The budget re-runs rank (a global method such as bonsai searches for it), select and what depends on
+    # them, never the stages before; a correction parameter re-runs correct onwards only.
     params = yaml.safe_load((tiny_project / "params.yaml").read_text())
     params["select"]["budget"] = 0.5
     (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
     status = dvc(tiny_project, "status", "--json")
     changed = set(json.loads(status.stdout))
-    assert "select" in changed and not changed & {"prepare", "finetune", "collect", "rank"}, changed
+    assert {"rank", "select"} <= changed and not changed & {"prepare", "finetune", "collect"}, changed
+    params["select"]["budget"] = 0.6
+    params.setdefault("correct", {})["ridge"] = 0.02
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    changed = set(json.loads(dvc(tiny_project, "status", "--json").stdout))
+    assert "correct" in changed and not changed & {"prepare", "finetune", "collect", "rank", "select"}, changed
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert"])

@@ -65,7 +65,12 @@ def sample_antithetic(rng: np.random.Generator, modules: list[tuple[np.ndarray, 
     for probs, n_drop in modules:
         m = np.ones(len(probs))
         k = min(n_drop, len(probs), int((probs > 0).sum()))
-        if k:
+        if k >= len(probs):
+            # Every candidate would go in every mask (e.g. 3 KV groups, 1 candidate, 1 to drop): its bit would
+            # just say "mask or complement", the same column for every such module, and the regression could not
+            # tell them apart. Drop each with probability 1/2 instead, so its bit varies across pairs.
+            m[rng.random(len(probs)) < 0.5] = 0
+        elif k:
             m[rng.choice(len(probs), size=k, replace=False, p=probs)] = 0
         parts.append(m)
     mask = np.concatenate(parts) if parts else np.zeros(0)
@@ -197,15 +202,16 @@ def activation_rms(model, adapter: Adapter, batches) -> dict[Module, torch.Tenso
 
 
 def bonsai_search(dense_model, batches: list[dict], loss: Callable[[object, list[dict]], float],
-                  cost_ratio: Callable[[Adapter], float], budget: float,
+                  cost_of: Callable[[Adapter], float], allowed: float,
                   layer_cost: Callable[[Adapter, LayerShape], float], prune_frac: float = 0.05,
                   masks_per_round: int = 40, lambdas: tuple[float, ...] = (0.0, 0.01, 0.05, 0.2),
                   folds: int = 5, perturb: bool = True, seed: int = 0, max_rounds: int = 100,
                   progress: bool = True) -> dict:
-    """Prune `dense_model` (not modified) by Bonsai rounds until cost_ratio(adapter) <= budget.
+    """Prune `dense_model` (not modified) by Bonsai rounds until cost_of(adapter) <= allowed.
 
     batches: the round's calibration batches (the same for every sub-model); loss(model, batches): the task's
-    label-free loss, lower is better; cost_ratio: the budget's cost of a (sliced) model relative to dense;
+    label-free loss, lower is better; cost_of: the budget's cost of a (sliced) model (allowed: the budget in the
+    same units);
     layer_cost: the cost model per layer shape (unit prices). perturb=False is the prior-only ablation (same
     rounds, the lowest-prior candidates removed, no sub-models). Returns keep lists, per-module removal records
     and per-round logs."""
@@ -221,11 +227,9 @@ def bonsai_search(dense_model, batches: list[dict], loss: Callable[[object, list
     rounds = []
     rng_round = np.random.default_rng(seed)
     r = 0
-    while cost_ratio(adapter) > budget + 1e-12 and r < max_rounds:
+    while cost_of(adapter) > allowed and r < max_rounds:
         r += 1
-        ratio = cost_ratio(adapter)
-        needed = (ratio - budget) / ratio * sum(price[n] * len(u.alive) for (i, n), u in units.items())
-        quota = min(prune_frac * prunable, needed) if ratio - budget > 0 else 0
+        quota = min(prune_frac * prunable, cost_of(adapter) - allowed)  # the last round: just what is left
         rms = activation_rms(model, adapter, batches)
         base_loss = loss(model, batches)
         # candidates per module, in current (sliced) positions
@@ -267,10 +271,10 @@ def bonsai_search(dense_model, batches: list[dict], loss: Callable[[object, list
             units[key].alive.remove(uid)
             units[key].removed.append((uid, r, float(beta[k])))
         model, adapter = sliced(dense_model, units)
-        rounds.append({"round": r, "removed": int(len(drop)), "cost_ratio": cost_ratio(adapter),
+        rounds.append({"round": r, "removed": int(len(drop)), "cost": cost_of(adapter),
                        "loss_before": base_loss, "sub_models": int(len(X)) if perturb else 0, **fit})
-        log.info("bonsai round %d: removed %d units, cost %.4f of dense, loss before %.4f, CV Kendall τ %s", r,
-                 len(drop), rounds[-1]["cost_ratio"], base_loss,
+        log.info("bonsai round %d: removed %d units, cost %.4g (allowed %.4g), loss before %.4f, CV Kendall τ %s",
+                 r, len(drop), rounds[-1]["cost"], allowed, base_loss,
                  "n/a" if fit["cv_tau"] is None else f"{fit['cv_tau']:.3f}")
     final = activation_rms(model, adapter, batches) if rounds else None
     heads, neurons = keep_lists(units, L)

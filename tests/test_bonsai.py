@@ -118,3 +118,13 @@ def test_allocation_ranking_needs_a_global_method():
     with pytest.raises(ValueError, match="ranks layer by layer"):
         select_units(model, adapter, ranking, SelectParams(budget=0.7, allocation="ranking", seq_len=10),
                      make_cost("flops", 10), 10)
+
+
+def test_a_module_whose_every_candidate_would_drop_varies_across_pairs():
+    """3 KV groups, 1 candidate, 1 to drop: dropping it in every mask would make its bit the mask/complement
+    indicator (the same column for every such module); it is dropped with probability 1/2 instead."""
+    rng = np.random.default_rng(0)
+    bits = [bonsai.sample_antithetic(rng, [(np.ones(1), 1), (np.full(4, 0.25), 1)])[0] for _ in range(40)]
+    first = np.array([b[0] for b in bits])
+    assert 0 < first.sum() < 40  # both values occur across pairs
+    assert all((b[1:] == 0).sum() == 1 for b in bits)  # the ordinary module still drops exactly one

@@ -13,6 +13,7 @@ Defaults are scaled for a CPU: the paper runs 32 windows of 4,096 tokens and 200
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -54,7 +55,7 @@ class Bonsai(Method):
         other = dense.total - dense.analytic
         found = bonsai_search(
             model, batches, lambda m, b: ctx.task.calibration_loss(m, b, reference),
-            lambda ad: (cost.analytic(ad) + other) / dense.total, sp.budget, cost.layer_cost, self.prune_frac,
+            lambda ad: cost.analytic(ad) + other, math.floor(sp.budget * dense.total), cost.layer_cost, self.prune_frac,
             self.masks_per_round, tuple(self.lambdas), self.folds, self.perturb, ctx.seed)
         final = get_adapter(found["model"])
         orders = {}

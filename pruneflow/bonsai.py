@@ -232,40 +232,24 @@ def bonsai_search(dense_model, batches: list[dict], loss: Callable[[object, list
         quota = min(prune_frac * prunable, cost_of(adapter) - allowed)  # the last round: just what is left
         rms = activation_rms(model, adapter, batches)
         base_loss = loss(model, batches)
-        # candidates per module, in current (sliced) positions
-        mods, cand_pos, cand_probs, cand_cost, cand_ids = [], [], [], [], []
-        for (i, name), u in units.items():
-            if not u.alive:
-                continue
-            col_group = adapter.head_dim * u.heads_per_unit if name == "attn" else 1
-            prior = unit_prior(adapter.out_proj(i, name).weight, rms[(i, name)], col_group)
-            fixed, cand, probs = split_candidates(prior, prune_frac)
-            if len(cand) == 0:
-                continue
-            mods.append(((i, name), int(math.floor(prune_frac * len(u.alive))) + 1, prior[cand].numpy()))
-            cand_pos.append(cand)
-            cand_probs.append(probs)
-            cand_cost.append(np.full(len(cand), price[name]))
-            cand_ids.append([u.alive[k] for k in cand])
-        costs = np.concatenate(cand_cost)
+        cands = candidates(adapter, units, rms, prune_frac, price)
         if perturb:
             rng = np.random.default_rng(rng_round.integers(2**31))
             X, y = [], []
             bar = tqdm(total=2 * (masks_per_round // 2), desc=f"bonsai round {r}", leave=False, disable=not progress)
             for _ in range(max(1, masks_per_round // 2)):
-                pair = sample_antithetic(rng, [(p, n_drop) for p, (_, n_drop, _) in zip(cand_probs, mods)])
-                for m in pair:
+                for m in sample_antithetic(rng, [(c.probs, c.n_drop) for c in cands]):
                     X.append(m)
-                    y.append(-min(loss_with_mask(model, adapter, batches, loss, mods, cand_pos, units, m), 1e8))
+                    y.append(-min(loss_with_mask(model, adapter, batches, loss, cands, units, m), 1e8))
                     bar.update(1)
             bar.close()
             X, y = np.asarray(X), np.asarray(y)
             beta, fit = fit_global(X, y, list(lambdas), folds)
         else:
-            beta = np.concatenate([p for _, _, p in mods])  # prior only: lowest prior goes first
+            beta = np.concatenate([c.prior for c in cands])  # prior only: lowest prior goes first
             fit = {"lambda": None, "cv_tau": None}
-        drop = choose_removals(beta, costs, quota)
-        flat_ids = [(key, uid) for (key, _, _), ids in zip(mods, cand_ids) for uid in ids]
+        drop = choose_removals(beta, np.concatenate([np.full(len(c.ids), c.price) for c in cands]), quota)
+        flat_ids = [(c.key, uid) for c in cands for uid in c.ids]
         for k in drop:
             key, uid = flat_ids[k]
             units[key].alive.remove(uid)
@@ -282,16 +266,46 @@ def bonsai_search(dense_model, batches: list[dict], loss: Callable[[object, list
             "final_rms": final, "model": model}
 
 
-def loss_with_mask(model, adapter: Adapter, batches, loss, mods, cand_pos, units, m: np.ndarray) -> float:
+@dataclass
+class Candidates:
+    """One module's candidates in a round: their positions in the current (sliced) module, dense ids, prior
+    values, sampling probabilities, how many a mask drops, and the price of one."""
+
+    key: Module
+    positions: np.ndarray
+    ids: list[int]
+    prior: np.ndarray
+    probs: np.ndarray
+    n_drop: int
+    price: float
+
+
+def candidates(adapter: Adapter, units: dict[Module, Units], rms: dict[Module, torch.Tensor], prune_frac: float,
+               price: dict[str, float]) -> list[Candidates]:
+    """Every module's candidates under the current model's prior (modules with none are left out)."""
+    out = []
+    for (i, name), u in units.items():
+        if not u.alive:
+            continue
+        col_group = adapter.head_dim * u.heads_per_unit if name == "attn" else 1
+        prior = unit_prior(adapter.out_proj(i, name).weight, rms[(i, name)], col_group)
+        _, cand, probs = split_candidates(prior, prune_frac)
+        if len(cand):
+            out.append(Candidates((i, name), cand, [u.alive[k] for k in cand], prior[cand].numpy(), probs,
+                                  int(math.floor(prune_frac * len(u.alive))) + 1, price[name]))
+    return out
+
+
+def loss_with_mask(model, adapter: Adapter, batches, loss, cands: list[Candidates], units: dict[Module, Units],
+                   m: np.ndarray) -> float:
     """The loss of the sub-model where the candidates with mask bit 0 are removed (hooks on the live model)."""
     masks, start = {}, 0
-    for ((i, name), _, _), pos in zip(mods, cand_pos):
-        u = units[(i, name)]
+    for c in cands:
+        u = units[c.key]
         mask = torch.ones(len(u.alive) * u.heads_per_unit, dtype=torch.float32)
-        bits = torch.as_tensor(m[start:start + len(pos)], dtype=torch.float32)
-        for p, b in zip(pos, bits):
-            mask[p * u.heads_per_unit:(p + 1) * u.heads_per_unit] = b
-        masks[(i, name)] = mask
-        start += len(pos)
+        for p, b in zip(c.positions, m[start:start + len(c.positions)]):
+            mask[p * u.heads_per_unit:(p + 1) * u.heads_per_unit] = float(b)
+        masks[c.key] = mask
+        start += len(c.positions)
     with adapter.masked(masks):
         return loss(model, batches)

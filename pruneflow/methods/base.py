@@ -57,7 +57,7 @@ class Method(BaseModel):
 
     def scores(self, ctx: RankContext, i: int, sublayer: str) -> torch.Tensor:
         """Importance of every unit of layer i's sublayer ("attn": heads, "ffn": neurons), higher = keep."""
-        raise NotImplementedError(f"{type(self).__name__} ranks greedily and has no scores")
+        raise NotImplementedError(f"{type(self).__name__} has no per-layer scores (it ranks greedily or plans globally)")
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -70,6 +70,3 @@ class Bonsai(Method):
                                  for h in range(uid * u.heads_per_unit, (uid + 1) * u.heads_per_unit)]
         return {"order": orders, "keep_heads": found["keep_heads"], "keep_neurons": found["keep_neurons"],
                 "rounds": found["rounds"]}
-
-    def scores(self, ctx, i, sublayer):  # not used: rank_model takes the plan's orders
-        raise NotImplementedError("bonsai plans globally (Method.plan)")

@@ -50,6 +50,11 @@ class TaskParams(Section):
 class RuntimeParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default")
+    offload: Literal["none", "cpu", "disk"] = Field(
+        "none", description="where the weights are while collect and the sequential correction walk the model "
+                            "block by block: none = all on the device; cpu = in CPU memory, each block moved to "
+                            "the device in turn; disk = only the running block's weights, read from the dense "
+                            "checkpoint's safetensors (pruneflow/blockwalk.py)")
 
 
 class PrepareParams(Section):
@@ -87,7 +92,8 @@ class CollectParams(Section):
                                                   "(flat peak RSS; costs about 25% collect time on CPU)")
     max_length: int = Field(128, ge=8)
     max_samples: int | None = Field(None, ge=1, description="use at most this many calibration sentences")
-    vote_topk: float = Field(0.1, gt=0, le=1, description="KCM D2: fraction of neurons each token votes for")
+    vote_topk: float | None = Field(0.1, gt=0, le=1, description="KCM D2: fraction of neurons each token votes "
+                                    "for; null: no votes (a faster collect; then only rank.kcm.d2=energy uses KCM)")
     time_forward: bool = Field(True, description="also time plain forward passes (the pruning-time yardstick)")
 
 

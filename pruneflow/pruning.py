@@ -20,11 +20,13 @@ def uses_sequential(p: CorrectParams) -> bool:
 
 
 def prune_to_selection(dense_model: nn.Module, stats: Statistics, sel: dict, p: CorrectParams, device: str,
-                       dense_trace: Callable[[], object] | None = None) -> tuple[nn.Module, Plan, list[dict]]:
-    """A corrected, sliced copy of `dense_model`; its plan; the per-sublayer fit report.
+                       dense_trace: Callable[[], object] | None = None, in_place: bool = False
+                       ) -> tuple[nn.Module, Plan, list[dict]]:
+    """A corrected, sliced copy of `dense_model` (in_place: `dense_model` itself, sliced, when nothing else needs
+    it, e.g. the dense trace walks its own model from disk); its plan; the per-sublayer fit report.
     dense_trace: makes (or returns a shared) sequential.DenseTrace; needed when the correction is sequential."""
     plan = Plan(sel["keep_heads"], sel["keep_neurons"])
-    pruned_model = plan.apply(copy.deepcopy(dense_model))
+    pruned_model = plan.apply(dense_model if in_place else copy.deepcopy(dense_model))
     if uses_sequential(p):
         from pruneflow.sequential import correct_sequential
 

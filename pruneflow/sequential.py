@@ -19,132 +19,33 @@ pruned attention-only pass and one pruned pass; the layer's output comes from th
 layer gets the call arguments the model gives it (post-LN: layer 0's, the same for every layer; pre-norm: each
 layer's own, captured once with use_cache=False: masks and rotary embeddings can differ per layer type).
 Memory: two copies of the calibration hidden states plus one layer's targets and kept FFN activations. With
-offload=True only the layer being refit sits on `device` (plus embeddings); the other layers stay on the CPU.
+runtime.offload=cpu only the layer being refit sits on `device` (plus embeddings); the other layers stay on
+the CPU (pruneflow.blockwalk).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
 
 from pruneflow import correction
 from pruneflow.adapters import SUBLAYERS, Adapter, get_adapter
+from pruneflow.blockwalk import BlockWalk, Capture, Offload, Residency, _Stop
 from pruneflow.moments import Accumulator
 
 
-class _Stop(Exception):
-    pass
-
-
-def _layer_inputs(model, adapter: Adapter, batches) -> list[tuple[torch.Tensor, tuple, dict, torch.Tensor]]:
-    """(hidden, other args, kwargs, token mask) entering layer 0, per batch."""
-    captured = []
-
-    def grab(module, args, kwargs):
-        captured.append((args[0], args[1:], kwargs))
-        raise _Stop
-
-    handle = adapter.layers()[0].register_forward_pre_hook(grab, with_kwargs=True)
-    out = []
-    try:
-        for enc in batches:
-            try:
-                model(**enc)
-            except _Stop:
-                pass
-            h, args, kwargs = captured.pop()
-            out.append((h, args, kwargs, enc["attention_mask"].reshape(-1).bool()))
-    finally:
-        handle.remove()
-    return out
-
-
-def _decoder_inputs(model, adapter: Adapter, batches) -> tuple[list, list[list[tuple[tuple, dict]]]]:
-    """Per batch: (hidden, args, kwargs, token mask) entering layer 0, and every layer's own (args, kwargs).
-    Each layer's forward is swapped for a recorder that passes the hidden states through, so no layer runs."""
-    layers, calls = adapter.layers(), []
-
-    def recorder(i):
-        def forward(*args, **kwargs):
-            h = args[0] if args else kwargs.pop("hidden_states")
-            if kwargs.get("past_key_values") is not None:
-                raise RuntimeError("sequential correction: the model passed a KV cache to its layers although "
-                                   "use_cache=False; it would be reused across passes")
-            calls.append((h, args[1:], kwargs))
-            if i == len(layers) - 1:
-                raise _Stop
-            return h
-        return forward
-
-    saved = [L.__dict__.get("forward") for L in layers]  # an instance-level forward (accelerate hooks) is kept
-    for i, L in enumerate(layers):
-        L.forward = recorder(i)
-    streams, per_layer = [], []
-    try:
-        for enc in batches:
-            calls.clear()
-            try:
-                model(**enc, use_cache=False)
-            except _Stop:
-                pass
-            if len(calls) != len(layers):
-                raise RuntimeError(f"sequential correction: captured {len(calls)} layer calls, expected {len(layers)}")
-            h, args, kwargs = calls[0]
-            streams.append((h, args, kwargs, enc["attention_mask"].reshape(-1).bool()))
-            per_layer.append([(a, k) for _, a, k in calls])
-    finally:
-        for L, f in zip(layers, saved):
-            del L.forward
-            if f is not None:
-                L.forward = f
-    return streams, per_layer
-
-
-def _place(model, adapter: Adapter, device: str, offload: bool) -> None:
-    """Everything on `device`; with offload, everything but the layers (each layer moves when it is refit)."""
-    if not offload:
-        model.to(device)
-        return
-    in_layers = set(adapter.layers().modules())
-    for m in model.modules():
-        if m not in in_layers:
-            m._apply(lambda t: t.to(device), recurse=False)
-
-
-class _on:
+@contextmanager
+def _on_device(layer, device: str, offload: bool):
     """With offload, move one layer to `device` for the duration, and back to the CPU after."""
-
-    def __init__(self, layer, device: str, offload: bool):
-        self.layer, self.device, self.offload = layer, device, offload
-
-    def __enter__(self):
-        if self.offload:
-            self.layer.to(self.device)
-        return self.layer
-
-    def __exit__(self, *exc):
-        if self.offload:
-            self.layer.to("cpu")
-
-
-class _Capture:
-    """Pre-hooks recording the input of given modules during one call."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module | None]):
-        self.values: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_pre_hook(self._hook(k)) for k, m in modules.items() if m is not None]
-
-    def _hook(self, key):
-        def hook(module, args):
-            self.values[key] = args[0]
-        return hook
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+    if offload:
+        layer.to(device)
+    try:
+        yield layer
+    finally:
+        if offload:
+            layer.to("cpu")
 
 
 def _after_layer(i: int, hidden: list[torch.Tensor]) -> None:
@@ -179,31 +80,25 @@ def _produce(adapter: Adapter, i: int, name: str, out, x: torch.Tensor, like: to
 class DenseTrace:
     """The dense model's side of the sequential correction: the calibration batches entering layer 0 and, per
     layer, the dense values each sublayer's refit aims at (post-LN: the LayerNorm inputs; pre-norm: the residual
-    stream after each sublayer). Computed layer by layer on demand; with keep=True the targets are kept so
-    several pruned models (a sweep) share one dense pass."""
+    stream after each sublayer). Computed layer by layer on demand (a blockwalk.BlockWalk); with keep=True the
+    targets are kept so several pruned models (a sweep) share one dense pass."""
 
-    def __init__(self, dense_model, batches, device: str, keep: bool = False, offload: bool = False):
-        """batches: the calibration batches (Task.calibration_batches) on `device`; each is kept, as hidden states."""
+    def __init__(self, dense_model, batches, device: str, keep: bool = False, offload: Offload = "none"):
+        """batches: the calibration batches (Task.calibration_batches) on `device`; each is kept, as hidden states.
+        offload: where the dense weights live between layers (blockwalk; "disk" needs blockwalk.lazy_model)."""
         self.adapter = get_adapter(dense_model)
         if self.adapter.sublayer_out_norm:
             raise ValueError(f"correct.sequential does not support {self.adapter.family}: its sublayer outputs pass "
                              "through their own norms before the residual add, so the refit target is not linear "
                              "in the output projection (set correct.sequential=false)")
         self.device, self.offload, self.keep = device, offload, keep
-        _place(dense_model, self.adapter, device, offload)
-        if self.adapter.post_norm:
-            self.streams, self._calls = _layer_inputs(dense_model, self.adapter, batches), None
-        else:
-            self.streams, self._calls = _decoder_inputs(dense_model, self.adapter, batches)
-        self._hidden = [s[0] for s in self.streams]
+        self.walk = BlockWalk(dense_model, self.adapter, batches, Residency(dense_model, self.adapter, device, offload))
+        self.streams = self.walk.streams
         self._targets: dict[int, dict[str, list[torch.Tensor]]] = {}
-        self._next = 0
 
     def call(self, i: int, b: int) -> tuple[tuple, dict]:
         """The (args, kwargs) layer i gets on batch b, besides the hidden states."""
-        if self._calls is None:  # post-LN: every layer gets layer 0's
-            return self.streams[b][1], self.streams[b][2]
-        return self._calls[b][i]
+        return self.walk.call(i, b)
 
     @torch.inference_mode()
     def targets(self, i: int) -> dict[str, list[torch.Tensor]]:
@@ -211,20 +106,13 @@ class DenseTrace:
         the residual stream after the sublayer (pre-norm: the FFN's norm input and the layer output)."""
         if i in self._targets:
             return self._targets[i]
-        if i != self._next:
-            raise RuntimeError(f"dense targets are produced in layer order (asked {i}, next {self._next})")
-        out = {"attn": [], "ffn": []}
+        if i != self.walk.next:
+            raise RuntimeError(f"dense targets are produced in layer order (asked {i}, next {self.walk.next})")
         ad = self.adapter
         watch = ({n: ad.norm(i, n) for n in SUBLAYERS} if ad.post_norm else {"attn": ad.residual_norm(i, "ffn")})
-        with _on(ad.layers()[i], self.device, self.offload) as layer:
-            for b in range(len(self.streams)):
-                args, kwargs = self.call(i, b)
-                with _Capture(watch) as cap:
-                    h_next = layer(self._hidden[b], *args, **kwargs)
-                self._hidden[b] = h_next[0] if isinstance(h_next, tuple) else h_next
-                for n in SUBLAYERS:
-                    out[n].append(cap.values[n] if n in cap.values else self._hidden[b])
-        self._next += 1
+        seen = self.walk.step(i, watch)
+        out = {n: [v if v is not None else h for v, h in zip(seen.get(n, [None] * len(self.walk.hidden)),
+                                                               self.walk.hidden)] for n in SUBLAYERS}
         if self.keep:
             self._targets[i] = out
         return out
@@ -235,17 +123,15 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
     """Refit every pruned layer in order against the dense model's `trace` (see the module docstring)."""
     pruned = get_adapter(pruned_model)
     post = pruned.post_norm
-    offload = trace.offload
-    if offload:
-        pruned_model.to("cpu")
-    else:
-        pruned_model.to(device)
+    # The pruned model lives where the dense one does (offload=cpu: layers on the CPU, moved in turn).
+    offload = trace.offload != "none"
+    pruned_model.to("cpu" if offload else device)
     streams = trace.streams
     h_pruned = [s[0].clone() for s in streams]
     report = []
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
         target = trace.targets(i)
-        with _on(pruned.layers()[i], device, offload) as layer:
+        with _on_device(pruned.layers()[i], device, offload) as layer:
             for name in SUBLAYERS:
                 out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
                 # The attention pass can stop where the FFN starts; the FFN pass's captures give the layer output.
@@ -257,7 +143,7 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                 for b in range(len(streams)):
                     args, kwargs = trace.call(i, b)
                     mask = streams[b][3]
-                    with _Capture(watch) as cap, _stop_before(stop_at):
+                    with Capture(watch) as cap, _stop_before(stop_at):
                         try:
                             layer(h_pruned[b], *args, **kwargs)
                         except _Stop:

@@ -41,7 +41,7 @@ class ModuleStats(Accumulator):
             return
         if self.votes is None:
             self.votes = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
-        top = (a.float().abs() * weights).topk(k, dim=1).indices
+        top = (a.float().abs() * weights).topk(k, dim=1, sorted=False).indices  # a count: order is moot
         self.votes += torch.bincount(top.reshape(-1), minlength=a.shape[1]).double()
 
 
@@ -94,25 +94,63 @@ class Statistics:
 
 
 def save_statistics(stats: Statistics, directory, extra_info: dict | None = None) -> None:
+    """One file (what a whole-model collect_statistics gathered)."""
     from pruneflow.artifacts import save_tensors, write_json
 
     save_tensors(directory / "stats.safetensors", stats.to_tensors())
     write_json(directory / "stats.json", stats.info() | (extra_info or {}))
 
 
+class ShardWriter:
+    """Writes each block's statistics as it is finished (block-000.safetensors, ...) so a collect holds one
+    block's Gram matrices at a time; stats.json, written last, lists the shards (a collect that stops half way
+    leaves no stats.json, so nothing downstream reads a partial set)."""
+
+    def __init__(self, directory):
+        from pathlib import Path
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for old in [self.directory / "stats.json", self.directory / "stats.safetensors",
+                    *self.directory.glob("block-*.safetensors")]:
+            old.unlink(missing_ok=True)
+        self.shards: list[str] = []
+
+    def __call__(self, i: int, block: Statistics) -> None:
+        from pruneflow.artifacts import save_tensors
+
+        name = f"block-{i:03d}.safetensors"
+        save_tensors(self.directory / name, block.to_tensors())
+        self.shards.append(name)
+
+    def finish(self, stats: Statistics, extra_info: dict | None = None) -> None:
+        from pruneflow.artifacts import write_json
+
+        write_json(self.directory / "stats.json", stats.info() | (extra_info or {}) | {"shards": self.shards})
+
+
 def load_statistics(directory) -> Statistics:
+    """The statistics of a collect: one stats.safetensors, or the block shards that stats.json lists."""
     from pruneflow.artifacts import load_tensors, read_json
 
-    if not (directory / "stats.safetensors").exists():
-        raise FileNotFoundError(f"{directory / 'stats.safetensors'} not found: run the collect stage first")
-    return Statistics.from_tensors(load_tensors(directory / "stats.safetensors"), read_json(directory / "stats.json"))
+    if not (directory / "stats.json").exists():
+        raise FileNotFoundError(f"{directory / 'stats.json'} not found: run the collect stage first")
+    info = read_json(directory / "stats.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in info.get("shards", ["stats.safetensors"]):
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"{directory / name} not found: run the collect stage again")
+        tensors |= load_tensors(directory / name)
+    return Statistics.from_tensors(tensors, info)
 
 
 class _Collector:
     """Hooks that feed ModuleStats; the current batch's padding mask is set before each forward."""
 
-    def __init__(self, adapter: Adapter, vote_topk: float, extra_linears: Iterable[str] = ()):
+    def __init__(self, adapter: Adapter, vote_topk: float | None, extra_linears: Iterable[str] = (),
+                 layers: Iterable[int] | None = None):
         self.adapter = adapter
+        self.layers = range(adapter.num_layers) if layers is None else list(layers)
         self.mask: torch.Tensor | None = None  # (B*T,) bool, True for real tokens
         self.stats = Statistics()
         self.vote_topk = vote_topk
@@ -125,13 +163,14 @@ class _Collector:
     def attach(self) -> None:
         ad = self.adapter
         names = ad.module_names()
-        for i in range(ad.num_layers):
+        for i in self.layers:
             for name in SUBLAYERS:
                 if ad.empty(i, name):
                     continue
                 out = ad.out_proj(i, name)
                 st = self.stats.modules.setdefault(names[out], ModuleStats())
-                weights = out.weight.detach().float().norm(dim=0) if name == "ffn" else None
+                votes = name == "ffn" and self.vote_topk is not None
+                weights = out.weight.detach().float().norm(dim=0) if votes else None
                 k = max(1, math.ceil(self.vote_topk * out.in_features)) if weights is not None else 0
 
                 def on_input(module, args, st=st, weights=weights, k=k):
@@ -197,7 +236,7 @@ def tokenized_batches(tokenizer, texts: list[str], batch_size: int, max_length: 
 
 
 @torch.inference_mode()
-def collect_statistics(model, adapter: Adapter, batches, vote_topk: float = 0.1, progress=None,
+def collect_statistics(model, adapter: Adapter, batches, vote_topk: float | None = 0.1, progress=None,
                        extra_linears: Iterable[str] = ()) -> Statistics:
     """Run every batch through `model` once and accumulate the statistics of every layer."""
     col = _Collector(adapter, vote_topk, extra_linears)
@@ -217,3 +256,34 @@ def collect_statistics(model, adapter: Adapter, batches, vote_topk: float = 0.1,
     col.stats.tokens, col.stats.sequences = int(sum(lengths)), len(lengths)
     col.stats.mean_length = float(np.mean(lengths))
     return col.stats
+
+
+@torch.inference_mode()
+def collect_blockwise(walk, vote_topk: float | None = 0.1, progress=None, sink=None) -> Statistics:
+    """What collect_statistics gathers, block by block on a blockwalk.BlockWalk: each block's hooks are attached
+    while its weights are on the device, and every calibration batch runs through it before the next block.
+    Each module sees the same batches in the same order, so the sums are the same. With `sink(i, block_stats)`,
+    a finished block's statistics are handed over (written) and dropped: memory holds one block's."""
+    adapter = walk.adapter
+    stats = Statistics()
+    for i in range(adapter.num_layers):
+        col = _Collector(adapter, vote_topk, layers=[i])
+        masks = walk.masks
+
+        def before(b, col=col):
+            col.mask = masks[b]
+
+        try:
+            walk.step(i, before_batch=before, on_layer=lambda layer, col=col: col.attach())
+        finally:
+            col.detach()
+        if sink is not None:
+            sink(i, col.stats)
+        else:
+            stats.modules |= col.stats.modules
+        if progress is not None:
+            progress.update(1)
+    lengths = [int(n) for h, m in zip(walk.streams, walk.masks) for n in m.reshape(h[0].shape[:2]).sum(1).tolist()]
+    stats.tokens, stats.sequences = int(sum(lengths)), len(lengths)
+    stats.mean_length = float(np.mean(lengths))
+    return stats

@@ -3,7 +3,9 @@
 reads   data/dense, data/stats, data/select/selection.json, data/prepared/calib.jsonl (sequential only)
 writes  data/pruned/ (model.safetensors, dense config.json, manifest.json, tokenizer; plus plain/, an ordinary
         Hugging Face checkpoint, when the shape allows: a uniformly pruned Llama-family decoder), metrics/correct.json
-params  correct, collect (tokenization of calibration text, sequential only), task, runtime
+params  correct, collect (tokenization of calibration text, sequential only), task, runtime (runtime.offload: with
+        disk, the sequential correction's dense side reads each block from data/dense as it runs, and the model
+        loaded here is sliced in place, so the dense weights are in memory once, not twice)
 Each pruned sublayer's output projection (and bias, where it has one) is refit so that it reproduces the dense
 sublayer's output on calibration data (pruneflow/correction.py). correct.sequential=true refits each layer on
 the inputs of the already-pruned model, with targets from the dense one (pruneflow/sequential.py). The model
@@ -21,7 +23,8 @@ from pruneflow.hf_checkpoint import save_plain_checkpoint
 from pruneflow.params import Params
 from pruneflow.plan import save_pruned
 from pruneflow.pruning import prune_to_selection, uses_sequential
-from pruneflow.runtime import Layout, load_tokenizer, setup_torch, stage_main
+from pruneflow.runtime import (Layout, load_tokenizer, peak_memory, release_freed_memory_to_os, setup_torch,
+                               stage_main)
 from pruneflow.stats import load_statistics
 from pruneflow.tasks import get_task
 
@@ -31,21 +34,27 @@ log = logging.getLogger("pruneflow.correct")
 def run(params: Params, layout: Layout) -> dict:
     """Slice to the selection and refit the kept output projections."""
     p, c = params.correct, params.collect
+    if c.return_memory:  # the walk's per-batch buffers go back to the OS, or the peak grows with the batch count
+        release_freed_memory_to_os()
     device = setup_torch(params)
     t0 = time.perf_counter()
     task = get_task(params.task.kind)
     sel = read_json(layout.selection)
     model = task.load_model(layout.dense)
 
+    offload = params.runtime.offload
+
     def dense_trace():
         from pruneflow.sequential import DenseTrace
 
         batches = task.calibration_batches(layout.prepared, load_tokenizer(layout.dense), c, device, p.max_samples,
                                            token_cap=False)
-        return DenseTrace(model, batches, device)
+        dense = task.load_lazy(layout.dense) if offload == "disk" else model
+        return DenseTrace(dense, batches, device, offload=offload)
 
     stats = None if uses_sequential(p) else load_statistics(layout.stats)
-    pruned_model, plan, report = prune_to_selection(model, stats, sel, p, device, dense_trace)
+    pruned_model, plan, report = prune_to_selection(model, stats, sel, p, device, dense_trace,
+                                                    in_place=offload == "disk" and uses_sequential(p))
     seconds = time.perf_counter() - t0
     info = {k: sel[k] for k in ("budget", "cost", "allocation", "seq_len", "ranking", "flops_dense", "flops_pruned",
                                 "flops_ratio")}
@@ -59,7 +68,8 @@ def run(params: Params, layout: Layout) -> dict:
         plain = None
         log.info("no plain Hugging Face checkpoint (the manifest format holds the model): %s", why)
     mean = lambda key: sum(r[key] for r in report) / len(report)  # noqa: E731
-    metrics = {"method": p.method, "sequential": uses_sequential(p), "seconds": round(seconds, 2),
+    metrics = {"method": p.method, "sequential": uses_sequential(p), "offload": offload, "seconds": round(seconds, 2),
+               **peak_memory(),
                "mean_rel_error_sliced": mean("rel_error_sliced"), "mean_rel_error_corrected": mean("rel_error_corrected"),
                "plain_checkpoint": plain, "layers": report}
     write_json(layout.metrics / "correct.json", metrics)

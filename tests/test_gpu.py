@@ -59,7 +59,7 @@ def test_sequential_refit_with_offload_on_cuda_matches_cpu():
     keep_neurons = [list(range(0, ad.dense_neurons, 2))] * ad.num_layers
     texts = ["the film was good and the story was fun"] * 6 + ["a dull slow plot"] * 6
     results = []
-    for device, offload in (("cpu", False), ("cuda", True)):
+    for device, offload in (("cpu", "none"), ("cuda", "cpu")):
         pruned = Plan(keep_heads, keep_neurons).apply(copy.deepcopy(dense))
         trace = DenseTrace(copy.deepcopy(dense), tokenized_batches(tok, texts, 4, 16, device), device, offload=offload)
         correct_sequential(pruned, "lstsq", 1e-3, trace, device)
@@ -73,3 +73,34 @@ def tiny_tokenizer_for_tests(factory):
     from pathlib import Path
 
     return factory(Path(tempfile.mkdtemp()) / "vocab")
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu", "disk"])
+def test_blockwise_collect_on_cuda_matches_cpu(offload, tmp_path):
+    """collect's block walk on the GPU (weights on the device, moved per block, or read per block from disk)
+    gives the CPU's statistics; with cpu/disk offload at most one block's weights are on the device."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    from transformers import AutoModelForCausalLM
+
+    from pruneflow.blockwalk import BlockWalk, Residency, lazy_model
+    from pruneflow.stats import collect_blockwise
+
+    model = tiny_llama(layers=3)
+    model.save_pretrained(tmp_path / "m")
+    ad = get_adapter(model)
+    ref = collect_blockwise(BlockWalk(model, ad, batches(), Residency(model, ad, "cpu", "none")))
+    gpu_model = lazy_model(AutoModelForCausalLM, tmp_path / "m") if offload == "disk" else copy.deepcopy(model)
+    gad = get_adapter(gpu_model)
+    resident = []
+    for b in gad.layers():
+        b.register_forward_pre_hook(lambda m, a: resident.append(
+            sum(any(p.is_cuda for p in blk.parameters()) for blk in gad.layers())))
+    cuda_batches = [{k: v.cuda() for k, v in enc.items()} for enc in batches()]
+    got = collect_blockwise(BlockWalk(gpu_model, gad, cuda_batches, Residency(gpu_model, gad, "cuda", offload)))
+    assert max(resident) == (ad.num_layers if offload == "none" else 1)
+    for name, st in ref.modules.items():
+        g = got.modules[name]
+        assert g.n == st.n
+        torch.testing.assert_close(g.sxx.cpu(), st.sxx, rtol=1e-4, atol=1e-5)
+        if st.votes is not None:
+            assert float(g.votes.sum()) == float(st.votes.sum())

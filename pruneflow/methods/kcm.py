@@ -27,6 +27,9 @@ class KCM(Method):
         if sublayer != "ffn":
             raise ValueError("kcm ranks FFN neurons only")
         st, ad = ctx.sublayer_stats(i, "ffn"), ctx.adapter
+        if st.votes is None and self.d2 == "votes":
+            raise ValueError("rank.method=kcm with rank.kcm.d2=votes needs the D2 votes of collect, and collect ran "
+                             "with collect.vote_topk=null: set collect.vote_topk (e.g. 0.1) or rank.kcm.d2=energy")
         scores, _ = kcm.kcm_scores(ad.ffn_in(i)[0].weight.detach(), ad.ffn_out(i).weight.detach(), st.votes,
                                    st.second_moment, self.representation, self.sigma, self.alpha, self.max_iter,
                                    self.d2, self.merge)

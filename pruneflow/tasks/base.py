@@ -90,6 +90,17 @@ class Task(ABC):
         """A dense Hugging Face directory of this task's model class, or a pruned directory (it has a manifest)."""
 
     @abstractmethod
+    def auto_class(self):
+        """The transformers Auto class of this task's dense models (e.g. AutoModelForCausalLM)."""
+
+    def load_lazy(self, path: str | Path, attn: str = "sdpa") -> nn.Module:
+        """The dense model of `path` with no weights in memory: runtime.offload=disk reads each block's weights
+        from its safetensors as it runs (pruneflow.blockwalk)."""
+        from pruneflow.blockwalk import lazy_model
+
+        return lazy_model(self.auto_class(), path, attn)
+
+    @abstractmethod
     def calibration_batches(self, prepared: Path, tokenizer, c, device: str, max_samples: int | None = None,
                             token_cap: bool = True) -> Calibration:
         """The unlabeled calibration data (what pruning sees) as batches, per the `collect` params `c`; at most

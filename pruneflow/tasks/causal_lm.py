@@ -106,6 +106,11 @@ class CausalLM(Task):
     paired_test = ("a paired bootstrap over the same eval windows (per-window mean NLL; per-window agreement), "
                    "sign-flip p")
 
+    def auto_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
     def load_model(self, path, attn="sdpa"):
         from transformers import AutoModelForCausalLM
 

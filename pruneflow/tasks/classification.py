@@ -28,6 +28,11 @@ class Classification(Task):
                        higher_is_better=True)
     paired_test = "McNemar's exact test on the same eval sentences"
 
+    def auto_class(self):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
     def load_model(self, path, attn="sdpa"):
         from transformers import AutoModelForSequenceClassification
 

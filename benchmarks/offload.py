@@ -1,0 +1,148 @@
+"""Peak memory and time of the collect and correct stages per `runtime.offload` (none | cpu | disk), each stage in
+a fresh process, on the LM pipeline's model, calibration windows and selection; beside them the dense model's
+plain inference peak (load + one forward over one calibration batch) and its fp32 weight bytes.
+
+    .venv/bin/python -m benchmarks.offload [--modes none disk] [--device cpu]
+    python3 -m benchmarks.offload --random .gpu --device cuda --modes none cpu disk   (a lent GPU machine)
+
+Needs `make lm` up to select (data/lm/dense, data/lm/prepared, data/lm/select). --random DIR builds a model of
+the same shape with random weights from DIR/config.json (plus DIR's tokenizer, windows.safetensors and
+selection.json): the real checkpoint is too large to carry to a GPU machine. The stages write into a scratch
+project; nothing under data/ changes. Statistics and corrected weights are compared across modes (they must
+agree: offload moves weights, it does not change the arithmetic). Writes metrics/lm/offload.json (real model
+only) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "lm/params.yaml"
+
+INFERENCE = """
+import json, sys, time, torch
+from pruneflow.runtime import peak_memory, setup_logging
+from pruneflow.tasks import get_task
+from pruneflow.tasks.causal_lm import read_windows
+from pathlib import Path
+root, device = Path(sys.argv[1]), sys.argv[2]
+model = get_task("causal_lm").load_model(root / "data/dense").to(device)
+ids = torch.as_tensor(read_windows(root / "data/prepared", "calib")[:4], device=device)
+with torch.inference_mode():
+    model(input_ids=ids)
+print(json.dumps(peak_memory()))
+"""
+
+
+def run(cmd: list[str], env: dict) -> str:
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return done.stdout
+
+
+def make_random(src: Path, dest: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32)
+    model.save_pretrained(dest)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, dest / f)
+
+
+def compare(a: Path, b: Path) -> dict:
+    """Largest relative difference of the statistics' Gram matrices and of the corrected weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pruneflow.stats import load_statistics
+
+    sa, sb = load_statistics(a / "data/stats"), load_statistics(b / "data/stats")
+    stats = max(float((sa.modules[n].sxx - sb.modules[n].sxx).abs().max() / sb.modules[n].sxx.abs().max())
+                for n in sb.modules)
+    wa, wb = load_file(a / "data/pruned/model.safetensors"), load_file(b / "data/pruned/model.safetensors")
+    weights = max(float((wa[k] - wb[k]).abs().max() / wb[k].abs().max().clamp_min(1e-30)) for k in wb)
+    return {"stats_rel_diff": stats, "weights_rel_diff": weights}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", nargs="+", default=["none", "disk"], choices=["none", "cpu", "disk"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--random", type=Path, help="a folder with config.json, tokenizer, windows.safetensors, "
+                                                "selection.json: random weights of that shape")
+    args = ap.parse_args()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.random:
+            dense, prepared, select = tmp / "dense", args.random.resolve(), args.random.resolve()
+            make_random(args.random, dense)
+        else:
+            dense, prepared, select = ROOT / "data/lm/dense", ROOT / "data/lm/prepared", ROOT / "data/lm/select"
+        weights_mb = sum(f.stat().st_size for f in dense.glob("*.safetensors")) / 2**20
+        rows, roots = [], {}
+        for mode in args.modes:
+            root = tmp / mode
+            (root / "data/prepared").mkdir(parents=True)
+            (root / "data/select").mkdir(parents=True)
+            (root / "data/dense").symlink_to(dense)
+            os.symlink(prepared / "windows.safetensors", root / "data/prepared/windows.safetensors")
+            os.symlink(select / "selection.json", root / "data/select/selection.json")
+            sets = ["--set", f"runtime.offload={mode}", "--set", f"runtime.device={args.device}"]
+            base = ["--root", str(root), "--params", str(PARAMS), "--data", "data", "--metrics", "metrics",
+                    "--plots", "plots"]
+            run([sys.executable, "-m", "stages.collect", *base, *sets, "--set", "collect.time_forward=false"], env)
+            run([sys.executable, "-m", "stages.correct", *base, *sets], env)
+            col = json.loads((root / "metrics/collect.json").read_text())
+            cor = json.loads((root / "metrics/correct.json").read_text())
+            rows.append({"offload": mode, "collect_seconds": col["seconds"], "collect_peak_rss_mb": col["peak_rss_mb"],
+                         "collect_peak_cuda_mb": col.get("peak_cuda_mb"), "correct_seconds": cor["seconds"],
+                         "correct_peak_rss_mb": cor["peak_rss_mb"], "correct_peak_cuda_mb": cor.get("peak_cuda_mb")})
+            roots[mode] = root
+            print(json.dumps(rows[-1]), flush=True)
+        (tmp / "inference").mkdir()
+        (tmp / "inference/data").mkdir()
+        (tmp / "inference/data/dense").symlink_to(dense)
+        (tmp / "inference/data/prepared").symlink_to(roots[args.modes[0]] / "data/prepared")
+        inference = json.loads(run([sys.executable, "-c", INFERENCE, str(tmp / "inference"), args.device], env)
+                               .strip().splitlines()[-1])
+        first = args.modes[0]
+        agreement = {m: compare(roots[m], roots[first]) for m in args.modes[1:]}
+    windows = 64  # lm.calib_windows x lm.window x hidden x 4 bytes: one copy of the calibration hidden states
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(dense if not args.random else args.random)
+    hidden_mb = windows * 512 * cfg.hidden_size * 4 / 2**20
+    result = {"device": args.device, "random_weights": bool(args.random), "dense_weights_mb": round(weights_mb, 1),
+              "hidden_states_mb": round(hidden_mb, 1), "inference": inference, "runs": rows,
+              "agreement_with_" + first: agreement}
+    print(f"\ndense fp32 weights {weights_mb:.0f} MiB, one copy of the calibration hidden states {hidden_mb:.0f} MiB, "
+          f"dense inference peak RSS {inference['peak_rss_mb']:.0f} MiB"
+          + (f", GPU {inference['peak_cuda_mb']:.0f} MiB" if "peak_cuda_mb" in inference else ""))
+    print(f"{'offload':8} {'collect s':>10} {'peak RSS':>9} {'GPU MiB':>8} {'correct s':>10} {'peak RSS':>9} {'GPU MiB':>8}")
+    for r in rows:
+        print(f"{r['offload']:8} {r['collect_seconds']:10.1f} {r['collect_peak_rss_mb']:9.0f} "
+              f"{r['collect_peak_cuda_mb'] or 0:8.0f} {r['correct_seconds']:10.1f} {r['correct_peak_rss_mb']:9.0f} "
+              f"{r['correct_peak_cuda_mb'] or 0:8.0f}")
+    for m, a in agreement.items():
+        print(f"{m} vs {first}: statistics rel. diff {a['stats_rel_diff']:.2e}, corrected weights {a['weights_rel_diff']:.2e}")
+    if not args.random:
+        out = ROOT / "metrics/lm/offload.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

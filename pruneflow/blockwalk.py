@@ -1,0 +1,320 @@
+"""Walking a model block by block: what its first block is called with is captured once per calibration batch,
+then each block is called directly on the previous block's outputs (llm-compressor's sequential pipeline,
+SparseGPT's layer loop). collect and the sequential correction walk this way.
+
+Where the weights are while a block runs is `runtime.offload`:
+- none: the whole model on the device;
+- cpu:  the model in CPU memory, each block moved to the device while it runs (a GPU holds one block);
+- disk: the parameters stay on PyTorch's meta device (shapes, no memory); a block's weights are read from the
+        checkpoint's safetensors when it runs and dropped after it, so the process holds one block's weights,
+        plus the embeddings during the capture. For models that barely fit, or do not fit, for inference.
+The calibration hidden states (one copy) stay on the device throughout.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+from pruneflow.adapters import Adapter
+
+Offload = Literal["none", "cpu", "disk"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def layer_inputs(model, adapter: Adapter, batches) -> list[tuple[torch.Tensor, tuple, dict, torch.Tensor]]:
+    """(hidden, other args, kwargs, token mask) entering layer 0, per batch (post-LN encoders: every layer gets
+    layer 0's arguments)."""
+    captured = []
+
+    def grab(module, args, kwargs):
+        captured.append((args[0], args[1:], kwargs))
+        raise _Stop
+
+    handle = adapter.layers()[0].register_forward_pre_hook(grab, with_kwargs=True)
+    out = []
+    try:
+        for enc in batches:
+            try:
+                model(**enc)
+            except _Stop:
+                pass
+            h, args, kwargs = captured.pop()
+            out.append((h, args, kwargs, enc["attention_mask"].reshape(-1).bool()))
+    finally:
+        handle.remove()
+    return out
+
+
+def decoder_inputs(model, adapter: Adapter, batches) -> tuple[list, list[list[tuple[tuple, dict]]]]:
+    """Per batch: (hidden, args, kwargs, token mask) entering layer 0, and every layer's own (args, kwargs): masks
+    and rotary embeddings can differ per layer type. Each layer's forward is swapped for a recorder that passes
+    the hidden states through, so no layer runs (and, with offload=disk, no layer weight is needed)."""
+    layers, calls = adapter.layers(), []
+
+    def recorder(i):
+        def forward(*args, **kwargs):
+            h = args[0] if args else kwargs.pop("hidden_states")
+            if kwargs.get("past_key_values") is not None:
+                raise RuntimeError("block walk: the model passed a KV cache to its layers although use_cache=False; "
+                                   "it would be reused across passes")
+            calls.append((h, args[1:], kwargs))
+            if i == len(layers) - 1:
+                raise _Stop
+            return h
+        return forward
+
+    saved = [L.__dict__.get("forward") for L in layers]  # an instance-level forward (accelerate hooks) is kept
+    for i, L in enumerate(layers):
+        L.forward = recorder(i)
+    streams, per_layer = [], []
+    try:
+        for enc in batches:
+            calls.clear()
+            try:
+                model(**enc, use_cache=False)
+            except _Stop:
+                pass
+            if len(calls) != len(layers):
+                raise RuntimeError(f"block walk: captured {len(calls)} layer calls, expected {len(layers)}")
+            h, args, kwargs = calls[0]
+            streams.append((h, args, kwargs, enc["attention_mask"].reshape(-1).bool()))
+            per_layer.append([(a, k) for _, a, k in calls])
+    finally:
+        for L, f in zip(layers, saved):
+            del L.forward
+            if f is not None:
+                L.forward = f
+    return streams, per_layer
+
+
+def lazy_model(auto_class, path: str | Path, attn: str = "sdpa", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of the Hugging Face directory `path` with its parameters on the meta device (buffers such as
+    rotary frequencies are real): what offload=disk walks, reading weights from `path` as blocks run."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"runtime.offload=disk reads weights from safetensors, and {path} has none "
+                                "(set runtime.offload to none or cpu)")
+    config = AutoConfig.from_pretrained(str(path))
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(config, attn_implementation=attn, dtype=dtype)
+    model.eval()
+    model.checkpoint_dir = path  # where DiskWeights reads from
+    return model
+
+
+class DiskWeights:
+    """Reads parameters of a module from a Hugging Face safetensors checkpoint (one file, or shards with an index)
+    onto a device, and drops them back to the meta device. Files are opened per load (memory-mapped, then closed),
+    so only the tensors copied out stay resident."""
+
+    def __init__(self, directory: str | Path):
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            self.where = {k: directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            file = directory / "model.safetensors"
+            if not file.exists():
+                raise FileNotFoundError(f"{file} not found (runtime.offload=disk needs a safetensors checkpoint)")
+            with safe_open(str(file), "pt") as f:
+                self.where = {k: file for k in f.keys()}
+
+    def load(self, model: nn.Module, module: nn.Module, device: str | torch.device, strict: bool = True) -> None:
+        """Materialise `module`'s parameters (a submodule of `model`) on `device`, in each parameter's dtype."""
+        from safetensors import safe_open
+
+        prefix = _prefix(model, module)
+        wanted: dict[Path, list[tuple[str, nn.Module, str, torch.dtype]]] = {}
+        for name, p in module.named_parameters():
+            key = f"{prefix}{name}"
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            if key not in self.where:
+                if strict:
+                    raise KeyError(f"{key} is not in the checkpoint: runtime.offload=disk needs a checkpoint whose "
+                                   f"tensor names are the model's (set runtime.offload to none or cpu)")
+                continue
+            wanted.setdefault(self.where[key], []).append((key, owner, leaf, p.dtype))
+        for file, items in wanted.items():
+            with safe_open(str(file), "pt", device="cpu") as f:
+                for key, owner, leaf, dtype in items:
+                    t = f.get_tensor(key).to(device=device, dtype=dtype)
+                    owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+
+    @staticmethod
+    def drop(module: nn.Module) -> None:
+        """Back to the meta device: the memory is freed, the shapes stay."""
+        for sub in module.modules():
+            for leaf, p in list(sub._parameters.items()):
+                if p is not None and not p.is_meta:
+                    sub._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def _prefix(model: nn.Module, module: nn.Module) -> str:
+    if module is model:
+        return ""
+    for name, m in model.named_modules():
+        if m is module:
+            return name + "."
+    raise ValueError("module is not part of the model")
+
+
+def is_lazy(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+class Residency:
+    """Where a walked model's weights are (runtime.offload) and how one block gets onto the device to run."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, device: str, offload: Offload):
+        if offload not in ("none", "cpu", "disk"):
+            raise ValueError(f"runtime.offload={offload!r}: expected none, cpu or disk")
+        if offload == "disk" and not hasattr(model, "checkpoint_dir"):
+            raise ValueError("runtime.offload=disk needs a model made by blockwalk.lazy_model")
+        self.model, self.adapter, self.device, self.offload = model, adapter, device, offload
+        self.disk = DiskWeights(model.checkpoint_dir) if offload == "disk" else None
+        if offload == "none":
+            model.to(device)
+        elif offload == "cpu":  # everything but the layers on the device; each layer moves when it runs
+            adapter.layers().to("cpu")
+            in_layers = set(adapter.layers().modules())
+            for m in model.modules():
+                if m not in in_layers:
+                    m._apply(lambda t: t.to(device), recurse=False)
+
+    @contextmanager
+    def outside_layers(self) -> Iterator[None]:
+        """For the capture: what runs before the first block (embeddings) on the device."""
+        if self.disk is None:
+            yield
+            return
+        in_layers = set(self.adapter.layers().modules())
+        outside = [m for m in self.model.modules() if m not in in_layers and m._parameters]
+        for m in outside:
+            self._load_own(m)
+        try:
+            yield
+        finally:
+            for m in outside:
+                for leaf, p in list(m._parameters.items()):
+                    if p is not None and not p.is_meta:
+                        m._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+    def _load_own(self, m: nn.Module) -> None:
+        """Load m's own parameters (not its children's); ones the checkpoint lacks (a tied LM head) stay meta."""
+        from safetensors import safe_open
+
+        prefix = _prefix(self.model, m)
+        for leaf, p in list(m._parameters.items()):
+            key = prefix + leaf
+            if p is None or key not in self.disk.where:
+                continue
+            with safe_open(str(self.disk.where[key]), "pt", device="cpu") as f:
+                t = f.get_tensor(key).to(device=self.device, dtype=p.dtype)
+            m._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+
+    @contextmanager
+    def layer(self, i: int) -> Iterator[nn.Module]:
+        """Layer i, its weights on the device for the duration."""
+        layer = self.adapter.layers()[i]
+        if self.offload == "cpu":
+            layer.to(self.device)
+        elif self.offload == "disk":
+            self.disk.load(self.model, layer, self.device)
+        try:
+            yield layer
+        finally:
+            if self.offload == "cpu":
+                layer.to("cpu")
+            elif self.offload == "disk":
+                DiskWeights.drop(layer)
+
+
+class Capture:
+    """Pre-hooks recording the input of given modules during one call."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module | None]):
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_pre_hook(self._hook(k)) for k, m in modules.items() if m is not None]
+
+    def _hook(self, key):
+        def hook(module, args):
+            self.values[key] = args[0]
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def hidden_of(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class BlockWalk:
+    """The calibration batches as they enter each block, advanced one block at a time: `step(i)` runs block i on
+    every batch (with the given pre-hook captures and a per-batch callback) and replaces the hidden states by its
+    outputs. Post-LN encoders call every block with layer 0's arguments; decoders with each layer's own."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, batches, residency: Residency):
+        self.adapter, self.residency = adapter, residency
+        with residency.outside_layers(), torch.inference_mode():
+            if adapter.post_norm:
+                self.streams, self._calls = layer_inputs(model, adapter, batches), None
+            else:
+                self.streams, self._calls = decoder_inputs(model, adapter, batches)
+        if not self.streams:
+            raise ValueError("no calibration text: the calibration set is empty (check the calibration data)")
+        self.hidden = [s[0] for s in self.streams]
+        self.next = 0
+
+    @property
+    def masks(self) -> list[torch.Tensor]:
+        """Per batch, (B*T,) bool: True for real tokens."""
+        return [s[3] for s in self.streams]
+
+    def call(self, i: int, b: int) -> tuple[tuple, dict]:
+        """The (args, kwargs) layer i gets on batch b, besides the hidden states."""
+        if self._calls is None:
+            return self.streams[b][1], self.streams[b][2]
+        return self._calls[b][i]
+
+    @torch.inference_mode()
+    def step(self, i: int, watch: dict[str, nn.Module | None] | None = None, before_batch=None,
+             on_layer=None) -> dict[str, list[torch.Tensor]]:
+        """Run layer i on every batch, in order; per batch, the inputs of the `watch` modules (pre-hooks).
+        before_batch(b) runs before batch b; on_layer(layer) once, with the layer's weights on the device,
+        before the first batch (attach hooks there: their weights are real then)."""
+        if i != self.next:
+            raise RuntimeError(f"blocks are walked in order (asked {i}, next {self.next})")
+        seen: dict[str, list[torch.Tensor]] = {k: [] for k in (watch or {})}
+        with self.residency.layer(i) as layer:
+            if on_layer is not None:
+                on_layer(layer)
+            for b in range(len(self.streams)):
+                if before_batch is not None:
+                    before_batch(b)
+                args, kwargs = self.call(i, b)
+                with Capture(watch or {}) as cap:
+                    self.hidden[b] = hidden_of(layer(self.hidden[b], *args, **kwargs))
+                for k in seen:
+                    seen[k].append(cap.values.get(k))
+        self.next += 1
+        return seen

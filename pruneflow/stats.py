@@ -129,8 +129,9 @@ class ShardWriter:
         write_json(self.directory / "stats.json", stats.info() | (extra_info or {}) | {"shards": self.shards})
 
 
-def load_statistics(directory) -> Statistics:
-    """The statistics of a collect: one stats.safetensors, or the block shards that stats.json lists."""
+def load_statistics(directory, device: str | torch.device = "cpu") -> Statistics:
+    """The statistics of a collect (one stats.safetensors, or the block shards that stats.json lists), on
+    `device`: where the model whose weights they meet in the ranking math is."""
     from pruneflow.artifacts import load_tensors, read_json
 
     if not (directory / "stats.json").exists():
@@ -140,7 +141,7 @@ def load_statistics(directory) -> Statistics:
     for name in info.get("shards", ["stats.safetensors"]):
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory / name} not found: run the collect stage again")
-        tensors |= load_tensors(directory / name)
+        tensors |= {k: v.to(device) for k, v in load_tensors(directory / name).items()}
     return Statistics.from_tensors(tensors, info)
 
 

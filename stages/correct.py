@@ -23,8 +23,7 @@ from pruneflow.hf_checkpoint import save_plain_checkpoint
 from pruneflow.params import Params
 from pruneflow.plan import save_pruned
 from pruneflow.pruning import prune_to_selection, uses_sequential
-from pruneflow.runtime import (Layout, load_tokenizer, peak_memory, release_freed_memory_to_os, setup_torch,
-                               stage_main)
+from pruneflow.runtime import Layout, load_tokenizer, peak_memory, setup_torch, stage_main
 from pruneflow.stats import load_statistics
 from pruneflow.tasks import get_task
 
@@ -34,8 +33,6 @@ log = logging.getLogger("pruneflow.correct")
 def run(params: Params, layout: Layout) -> dict:
     """Slice to the selection and refit the kept output projections."""
     p, c = params.correct, params.collect
-    if c.return_memory:  # the walk's per-batch buffers go back to the OS, or the peak grows with the batch count
-        release_freed_memory_to_os()
     device = setup_torch(params)
     t0 = time.perf_counter()
     task = get_task(params.task.kind)

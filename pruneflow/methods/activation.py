@@ -11,7 +11,7 @@ class Activation(Method):
     name = "activation"
 
     def scores(self, ctx, i, sublayer):
-        W_out = ctx.adapter.out_proj(i, sublayer).weight.detach()
+        W_out = ctx.adapter.out_proj(i, sublayer).weight.detach().cpu()
         diag = ctx.sublayer_stats(i, sublayer).second_moment.diagonal()
         if sublayer == "attn":
             return scoring.activation_head_scores(diag, W_out, ctx.adapter.head_dim)

@@ -65,7 +65,7 @@ class Bonsai(Method):
             if survivors and found["final_rms"] is not None and (i, name) in found["final_rms"]:
                 group = final.head_dim * u.heads_per_unit if name == "attn" else 1
                 prior = unit_prior(final.out_proj(i, name).weight, found["final_rms"][(i, name)], group)
-                survivors = [survivors[k] for k in np.argsort(prior.numpy(), kind="stable")]
+                survivors = [survivors[k] for k in np.argsort(prior.cpu().numpy(), kind="stable")]
             orders[(i, name)] = [h for uid in removed + survivors
                                  for h in range(uid * u.heads_per_unit, (uid + 1) * u.heads_per_unit)]
         return {"order": orders, "keep_heads": found["keep_heads"], "keep_neurons": found["keep_neurons"],

@@ -12,7 +12,7 @@ class Magnitude(Method):
 
     def scores(self, ctx, i, sublayer):
         ad = ctx.adapter
-        W_out = ad.out_proj(i, sublayer).weight.detach()
+        W_out = ad.out_proj(i, sublayer).weight.detach().cpu()
         if sublayer == "attn":
-            return scoring.magnitude_head_scores(ad.attn_in(i)[0].weight.detach(), W_out, ad.head_dim)
-        return scoring.magnitude_neuron_scores([m.weight.detach() for m in ad.ffn_in(i)], W_out)
+            return scoring.magnitude_head_scores(ad.attn_in(i)[0].weight.detach().cpu(), W_out, ad.head_dim)
+        return scoring.magnitude_neuron_scores([m.weight.detach().cpu() for m in ad.ffn_in(i)], W_out)

@@ -120,11 +120,13 @@ def main() -> None:
                                .strip().splitlines()[-1])
         first = args.modes[0]
         agreement = {m: compare(roots[m], roots[first]) for m in args.modes[1:]}
-    windows = 64  # lm.calib_windows x lm.window x hidden x 4 bytes: one copy of the calibration hidden states
     from transformers import AutoConfig
 
+    from pruneflow.tasks.causal_lm import read_windows
+
     cfg = AutoConfig.from_pretrained(dense if not args.random else args.random)
-    hidden_mb = windows * 512 * cfg.hidden_size * 4 / 2**20
+    # one copy of the calibration hidden states: windows x tokens x hidden x 4 bytes
+    hidden_mb = read_windows(prepared, "calib").numel() * cfg.hidden_size * 4 / 2**20
     result = {"device": args.device, "random_weights": bool(args.random), "dense_weights_mb": round(weights_mb, 1),
               "hidden_states_mb": round(hidden_mb, 1), "inference": inference, "runs": rows,
               "agreement_with_" + first: agreement}

@@ -133,13 +133,16 @@ class DiskWeights:
             with safe_open(str(file), "pt") as f:
                 self.where = {k: file for k in f.keys()}
 
-    def load(self, model: nn.Module, module: nn.Module, device: str | torch.device, strict: bool = True) -> None:
-        """Materialise `module`'s parameters (a submodule of `model`) on `device`, in each parameter's dtype."""
+    def load(self, model: nn.Module, module: nn.Module, device: str | torch.device, recurse: bool = True,
+             strict: bool = True) -> None:
+        """Materialise `module`'s parameters (a submodule of `model`; with recurse=False its own, not its
+        children's) on `device`, in each parameter's dtype. strict=False leaves the ones the checkpoint lacks
+        (a tied LM head) on the meta device."""
         from safetensors import safe_open
 
         prefix = _prefix(model, module)
         wanted: dict[Path, list[tuple[str, nn.Module, str, torch.dtype]]] = {}
-        for name, p in module.named_parameters():
+        for name, p in module.named_parameters(recurse=recurse):
             key = f"{prefix}{name}"
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
@@ -156,9 +159,9 @@ class DiskWeights:
                     owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
 
     @staticmethod
-    def drop(module: nn.Module) -> None:
+    def drop(module: nn.Module, recurse: bool = True) -> None:
         """Back to the meta device: the memory is freed, the shapes stay."""
-        for sub in module.modules():
+        for sub in module.modules() if recurse else [module]:
             for leaf, p in list(sub._parameters.items()):
                 if p is not None and not p.is_meta:
                     sub._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
@@ -171,10 +174,6 @@ def _prefix(model: nn.Module, module: nn.Module) -> str:
         if m is module:
             return name + "."
     raise ValueError("module is not part of the model")
-
-
-def is_lazy(model: nn.Module) -> bool:
-    return any(p.is_meta for p in model.parameters())
 
 
 class Residency:
@@ -205,43 +204,38 @@ class Residency:
         in_layers = set(self.adapter.layers().modules())
         outside = [m for m in self.model.modules() if m not in in_layers and m._parameters]
         for m in outside:
-            self._load_own(m)
+            self.disk.load(self.model, m, self.device, recurse=False, strict=False)
         try:
             yield
         finally:
             for m in outside:
-                for leaf, p in list(m._parameters.items()):
-                    if p is not None and not p.is_meta:
-                        m._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
-
-    def _load_own(self, m: nn.Module) -> None:
-        """Load m's own parameters (not its children's); ones the checkpoint lacks (a tied LM head) stay meta."""
-        from safetensors import safe_open
-
-        prefix = _prefix(self.model, m)
-        for leaf, p in list(m._parameters.items()):
-            key = prefix + leaf
-            if p is None or key not in self.disk.where:
-                continue
-            with safe_open(str(self.disk.where[key]), "pt", device="cpu") as f:
-                t = f.get_tensor(key).to(device=self.device, dtype=p.dtype)
-            m._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+                DiskWeights.drop(m, recurse=False)
 
     @contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:
         """Layer i, its weights on the device for the duration."""
         layer = self.adapter.layers()[i]
-        if self.offload == "cpu":
-            layer.to(self.device)
-        elif self.offload == "disk":
-            self.disk.load(self.model, layer, self.device)
+        if self.offload != "disk":
+            with moved_to(layer, self.device, self.offload == "cpu"):
+                yield layer
+            return
+        self.disk.load(self.model, layer, self.device)
         try:
             yield layer
         finally:
-            if self.offload == "cpu":
-                layer.to("cpu")
-            elif self.offload == "disk":
-                DiskWeights.drop(layer)
+            DiskWeights.drop(layer)
+
+
+@contextmanager
+def moved_to(module: nn.Module, device: str, move: bool = True) -> Iterator[nn.Module]:
+    """With move, `module` on `device` for the duration and back on the CPU after (offload=cpu's block move)."""
+    if move:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if move:
+            module.to("cpu")
 
 
 class Capture:

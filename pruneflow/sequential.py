@@ -25,27 +25,13 @@ the CPU (pruneflow.blockwalk).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from tqdm.auto import tqdm
 
 from pruneflow import correction
 from pruneflow.adapters import SUBLAYERS, Adapter, get_adapter
-from pruneflow.blockwalk import BlockWalk, Capture, Offload, Residency, _Stop
+from pruneflow.blockwalk import BlockWalk, Capture, Offload, Residency, _Stop, moved_to
 from pruneflow.moments import Accumulator
-
-
-@contextmanager
-def _on_device(layer, device: str, offload: bool):
-    """With offload, move one layer to `device` for the duration, and back to the CPU after."""
-    if offload:
-        layer.to(device)
-    try:
-        yield layer
-    finally:
-        if offload:
-            layer.to("cpu")
 
 
 def _after_layer(i: int, hidden: list[torch.Tensor]) -> None:
@@ -131,7 +117,7 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
     report = []
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
         target = trace.targets(i)
-        with _on_device(pruned.layers()[i], device, offload) as layer:
+        with moved_to(pruned.layers()[i], device, offload) as layer:
             for name in SUBLAYERS:
                 out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
                 # The attention pass can stop where the FFN starts; the FFN pass's captures give the layer output.

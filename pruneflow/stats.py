@@ -93,14 +93,6 @@ class Statistics:
         return cls(modules, info["tokens"], info["sequences"], info["mean_length"])
 
 
-def save_statistics(stats: Statistics, directory, extra_info: dict | None = None) -> None:
-    """One file (what a whole-model collect_statistics gathered)."""
-    from pruneflow.artifacts import save_tensors, write_json
-
-    save_tensors(directory / "stats.safetensors", stats.to_tensors())
-    write_json(directory / "stats.json", stats.info() | (extra_info or {}))
-
-
 class ShardWriter:
     """Writes each block's statistics as it is finished (block-000.safetensors, ...) so a collect holds one
     block's Gram matrices at a time; stats.json, written last, lists the shards (a collect that stops half way
@@ -111,6 +103,7 @@ class ShardWriter:
 
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # stats.safetensors: the one-file format of older collects
         for old in [self.directory / "stats.json", self.directory / "stats.safetensors",
                     *self.directory.glob("block-*.safetensors")]:
             old.unlink(missing_ok=True)
@@ -129,19 +122,20 @@ class ShardWriter:
         write_json(self.directory / "stats.json", stats.info() | (extra_info or {}) | {"shards": self.shards})
 
 
-def load_statistics(directory, device: str | torch.device = "cpu") -> Statistics:
-    """The statistics of a collect (one stats.safetensors, or the block shards that stats.json lists), on
-    `device`: where the model whose weights they meet in the ranking math is."""
+def load_statistics(directory) -> Statistics:
+    """The statistics of a collect: the block shards that its stats.json lists."""
     from pruneflow.artifacts import load_tensors, read_json
 
     if not (directory / "stats.json").exists():
         raise FileNotFoundError(f"{directory / 'stats.json'} not found: run the collect stage first")
     info = read_json(directory / "stats.json")
+    if "shards" not in info:
+        raise ValueError(f"{directory} was written by an older collect (one file, no shards): run collect again")
     tensors: dict[str, torch.Tensor] = {}
-    for name in info.get("shards", ["stats.safetensors"]):
+    for name in info["shards"]:
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory / name} not found: run the collect stage again")
-        tensors |= {k: v.to(device) for k, v in load_tensors(directory / name).items()}
+        tensors |= load_tensors(directory / name)
     return Statistics.from_tensors(tensors, info)
 
 

@@ -32,6 +32,7 @@ from scipy.stats import kendalltau
 from tqdm.auto import tqdm
 
 from pruneflow.adapters import SUBLAYERS, Adapter, LayerShape, get_adapter
+from pruneflow.adapters.base import head_columns
 
 log = logging.getLogger("pruneflow.bonsai")
 Module = tuple[int, str]  # (layer, "attn" | "ffn")
@@ -42,7 +43,7 @@ Module = tuple[int, str]  # (layer, "attn" | "ffn")
 def unit_prior(W_out: torch.Tensor, sq_mean: torch.Tensor, group: int) -> torch.Tensor:
     """Per unit (a block of `group` output-projection columns): mean over output dims of |W_out column| × RMS
     of that column's input activation, averaged over the unit's columns."""
-    col = W_out.detach().abs().double().mean(0) * sq_mean.double().clamp(min=0).sqrt()
+    col = W_out.detach().cpu().abs().double().mean(0) * sq_mean.cpu().double().clamp(min=0).sqrt()
     return col.view(-1, group).mean(1)
 
 
@@ -143,24 +144,19 @@ class Units:
 
     heads_per_unit: int  # query heads per unit (attention), 1 for neurons
     alive: list[int]  # dense unit ids still in the model, in slicing order
-    removed: list[tuple[int, int, float]] = field(default_factory=list)  # (unit, round, coefficient)
+    removed: list[int] = field(default_factory=list)  # dense unit ids, in removal order (round, then coefficient)
 
 
 def unit_costs(adapter: Adapter, layer_cost: Callable[[Adapter, LayerShape], float]) -> dict[str, float]:
     """Cost of one unit of each sublayer, from the cost model's per-layer cost."""
     base = layer_cost(adapter, LayerShape(0, 0, 0))
-    if adapter.group > 1:  # a KV group: its query heads, one k and one v head
-        head = layer_cost(adapter, LayerShape(adapter.group, 0, 1)) - base
-    else:
-        head = layer_cost(adapter, LayerShape(1, 0, 1)) - base
+    head = layer_cost(adapter, LayerShape(adapter.group, 0, 1)) - base  # a KV group: its query heads, one k, one v
     return {"attn": head, "ffn": layer_cost(adapter, LayerShape(0, 1, 0)) - base}
 
 
 def keep_lists(units: dict[Module, Units], L: int) -> tuple[list[list[int]], list[list[int]]]:
     """Dense head and neuron indices kept per layer."""
-    heads = [sorted(h for u in units[(i, "attn")].alive
-                    for h in range(u * units[(i, "attn")].heads_per_unit, (u + 1) * units[(i, "attn")].heads_per_unit))
-             for i in range(L)]
+    heads = [head_columns(units[(i, "attn")].alive, units[(i, "attn")].heads_per_unit).tolist() for i in range(L)]
     return heads, [sorted(units[(i, "ffn")].alive) for i in range(L)]
 
 
@@ -253,7 +249,7 @@ def bonsai_search(dense_model, batches: list[dict], loss: Callable[[object, list
         for k in drop:
             key, uid = flat_ids[k]
             units[key].alive.remove(uid)
-            units[key].removed.append((uid, r, float(beta[k])))
+            units[key].removed.append(uid)
         model, adapter = sliced(dense_model, units)
         rounds.append({"round": r, "removed": int(len(drop)), "cost": cost_of(adapter),
                        "loss_before": base_loss, "sub_models": int(len(X)) if perturb else 0, **fit})
@@ -302,10 +298,9 @@ def loss_with_mask(model, adapter: Adapter, batches, loss, cands: list[Candidate
     masks, start = {}, 0
     for c in cands:
         u = units[c.key]
-        mask = torch.ones(len(u.alive) * u.heads_per_unit, dtype=torch.float32)
-        for p, b in zip(c.positions, m[start:start + len(c.positions)]):
-            mask[p * u.heads_per_unit:(p + 1) * u.heads_per_unit] = float(b)
-        masks[c.key] = mask
+        mask = torch.ones(len(u.alive), u.heads_per_unit, dtype=torch.float32)
+        mask[torch.as_tensor(c.positions)] = torch.as_tensor(m[start:start + len(c.positions)], dtype=torch.float32)[:, None]
+        masks[c.key] = mask.reshape(-1)
         start += len(c.positions)
     with adapter.masked(masks):
         return loss(model, batches)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from pruneflow import scoring
 from pruneflow.adapters import SUBLAYERS, Adapter
 from pruneflow.methods import METHODS, RankContext, method_options
+from pruneflow.methods.base import weight_of
 from pruneflow.params import RankParams
 from pruneflow.stats import ModuleStats, Statistics
 
@@ -34,7 +35,7 @@ def error_space(adapter: Adapter, i: int, name: str, W: torch.Tensor, st: Module
     Without a post-norm (pre-LN decoders) errors are relative to the sublayer's output energy."""
     norm = adapter.norm(i, name)
     if by_norm and norm is not None and st.norm_scale:
-        gamma = norm.weight.detach().cpu().double()
+        gamma = weight_of(norm).double()
         return W.double() * gamma[:, None], st.norm_scale / W.shape[0]
     return W.double(), float(torch.einsum("dn,nm,dm->", W.double(), st.cov, W.double()))
 
@@ -63,7 +64,7 @@ def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: boo
                 order = None if method.greedy else scoring.order_from_scores(method.scores(ctx, i, name))
             units = adapter.units(name)
             chunk = 1 if name == "attn" else max(1, math.ceil(p.chunk * units))
-            W = adapter.out_proj(i, name).weight.detach().cpu()  # the ranking math runs on the CPU, with the statistics
+            W = weight_of(adapter.out_proj(i, name))
             W_eff, scale = error_space(adapter, i, name, W, st, p.norm_weighting)
             path = scoring.elimination_path(st.cov, W_eff, adapter.group_size(name), order, chunk, p.ridge)
             entry[name] = {"units": units, "order": path.order, "removed": path.removed,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pruneflow import scoring
-from pruneflow.methods.base import Method, register
+from pruneflow.methods.base import Method, register, weight_of
 
 
 @register
@@ -11,7 +11,7 @@ class Activation(Method):
     name = "activation"
 
     def scores(self, ctx, i, sublayer):
-        W_out = ctx.adapter.out_proj(i, sublayer).weight.detach().cpu()
+        W_out = weight_of(ctx.adapter.out_proj(i, sublayer))
         diag = ctx.sublayer_stats(i, sublayer).second_moment.diagonal()
         if sublayer == "attn":
             return scoring.activation_head_scores(diag, W_out, ctx.adapter.head_dim)

@@ -20,6 +20,12 @@ from pruneflow.adapters import Adapter
 from pruneflow.stats import ModuleStats, Statistics
 
 
+def weight_of(module: torch.nn.Module) -> torch.Tensor:
+    """A module's weight as the ranking math reads it: detached, on the CPU beside the statistics (the model
+    itself may sit on an accelerator, for forward-only methods)."""
+    return module.weight.detach().cpu()
+
+
 @dataclass
 class RankContext:
     adapter: Adapter

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import Field
 
 from pruneflow.adapters import get_adapter
+from pruneflow.adapters.base import head_columns
 from pruneflow.methods.base import Method, register
 
 
@@ -60,13 +61,11 @@ class Bonsai(Method):
         final = get_adapter(found["model"])
         orders = {}
         for (i, name), u in found["units"].items():
-            removed = [uid for uid, _, _ in sorted(u.removed, key=lambda t: (t[1], t[2]))]
             survivors = list(u.alive)
             if survivors and found["final_rms"] is not None and (i, name) in found["final_rms"]:
                 group = final.head_dim * u.heads_per_unit if name == "attn" else 1
                 prior = unit_prior(final.out_proj(i, name).weight, found["final_rms"][(i, name)], group)
-                survivors = [survivors[k] for k in np.argsort(prior.cpu().numpy(), kind="stable")]
-            orders[(i, name)] = [h for uid in removed + survivors
-                                 for h in range(uid * u.heads_per_unit, (uid + 1) * u.heads_per_unit)]
+                survivors = [survivors[k] for k in np.argsort(prior.numpy(), kind="stable")]
+            orders[(i, name)] = head_columns(u.removed + survivors, u.heads_per_unit).tolist()
         return {"order": orders, "keep_heads": found["keep_heads"], "keep_neurons": found["keep_neurons"],
                 "rounds": found["rounds"]}

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from pruneflow import kcm
-from pruneflow.methods.base import Method, register
+from pruneflow.methods.base import Method, register, weight_of
 
 
 @register
@@ -30,7 +30,7 @@ class KCM(Method):
         if st.votes is None and self.d2 == "votes":
             raise ValueError("rank.method=kcm with rank.kcm.d2=votes needs the D2 votes of collect, and collect ran "
                              "with collect.vote_topk=null: set collect.vote_topk (e.g. 0.1) or rank.kcm.d2=energy")
-        scores, _ = kcm.kcm_scores(ad.ffn_in(i)[0].weight.detach().cpu(), ad.ffn_out(i).weight.detach().cpu(), st.votes,
+        scores, _ = kcm.kcm_scores(weight_of(ad.ffn_in(i)[0]), weight_of(ad.ffn_out(i)), st.votes,
                                    st.second_moment, self.representation, self.sigma, self.alpha, self.max_iter,
                                    self.d2, self.merge)
         return scores

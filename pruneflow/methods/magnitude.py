@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pruneflow import scoring
-from pruneflow.methods.base import Method, register
+from pruneflow.methods.base import Method, register, weight_of
 
 
 @register
@@ -12,7 +12,7 @@ class Magnitude(Method):
 
     def scores(self, ctx, i, sublayer):
         ad = ctx.adapter
-        W_out = ad.out_proj(i, sublayer).weight.detach().cpu()
+        W_out = weight_of(ad.out_proj(i, sublayer))
         if sublayer == "attn":
-            return scoring.magnitude_head_scores(ad.attn_in(i)[0].weight.detach().cpu(), W_out, ad.head_dim)
-        return scoring.magnitude_neuron_scores([m.weight.detach().cpu() for m in ad.ffn_in(i)], W_out)
+            return scoring.magnitude_head_scores(weight_of(ad.attn_in(i)[0]), W_out, ad.head_dim)
+        return scoring.magnitude_neuron_scores([weight_of(m) for m in ad.ffn_in(i)], W_out)

@@ -59,8 +59,8 @@ def head_counts(H: int, min_heads: int, head_step: int) -> list[int]:
 
 def uniform(n_layers: int, H: int, N: int, c: Costs, target: int, min_heads: int = 1, min_neurons: int = 0,
             multiple_of: int = 1, heads: int | None = None, head_step: int = 1) -> tuple[list[int], list[int]]:
-    """The same counts in every layer: the largest common fraction f of heads (round(f·H), to a multiple of
-    head_step) that leaves room for at least f·N neurons, then as many neurons per layer as the rest of the
+    """The same counts in every layer: the largest common fraction f of heads (round(f·H); with grouped-query
+    attention, the allowed count closest to the neurons' fraction) that leaves room for at least f·N neurons, then as many neurons per layer as the rest of the
     budget pays for (heads come in coarse steps, so without this fill the budget would be under-spent by up
     to a head per layer)."""
     allowed = head_counts(H, min_heads, head_step)
@@ -68,7 +68,7 @@ def uniform(n_layers: int, H: int, N: int, c: Costs, target: int, min_heads: int
     check_feasible(target, n_layers, H, N, c, min_heads, min_neurons)
 
     def heads_at(f: float) -> int:
-        return min(H, max(min_heads, round(f * H / head_step) * head_step))
+        return min(H, max(min_heads, round(f * H)))  # head_step is 1 here (the bisection branch)
 
     def neurons_fitting(h: int) -> int:
         room = (target - c.fixed - n_layers * h * c.head) // (n_layers * c.neuron)

@@ -40,7 +40,7 @@ def keep_sets(ranking: dict, heads: list[int], neurons: list[int], group: int = 
     keep_h, keep_n = [], []
     for layer, h, n in zip(ranking["layers"], heads, neurons):
         a, f = layer["attn"], layer["ffn"]
-        if group > 1 and 0 < h < a["units"]:
+        if group > 1:
             keep_h.append(keep_heads_by_group(a["order"], h, group))
         else:
             keep_h.append(sorted(a["order"][a["units"] - h:]) if h else [])
@@ -82,27 +82,32 @@ def select_units(model, adapter: Adapter, ranking: dict, p: SelectParams, cost: 
     # Grouped-query attention: every layer keeps the same number of query heads in each KV group (all groups
     # stay, so k/v keep their size and the cost model's per-head price is exact).
     head_step = adapter.dense_kv_heads if adapter.group > 1 else 1
+
+    def slice_and_measure(keep_h, keep_n):
+        pruned_model = copy.deepcopy(model)
+        get_adapter(pruned_model).slice_(keep_h, keep_n)
+        return pruned_model, cost.measure(pruned_model)
+
     try:
-        for _ in range(5):
-            if p.allocation == "ranking":
-                keep_h, keep_n = ranking_keep_sets(ranking, p)
-            else:
-                heads, neurons = allocate(ranking, p, costs, target, L, H, N, head_step)
-                keep_h, keep_n = keep_sets(ranking, heads, neurons, adapter.group)
-            pruned_model = copy.deepcopy(model)
-            get_adapter(pruned_model).slice_(keep_h, keep_n)
-            pruned = cost.measure(pruned_model)
-            if pruned.total <= allowed:
-                break
-            if p.allocation == "ranking":
+        if p.allocation == "ranking":  # the rank method chose the units for this budget: measure, nothing to tune
+            keep_h, keep_n = ranking_keep_sets(ranking, p)
+            pruned_model, pruned = slice_and_measure(keep_h, keep_n)
+            if pruned.total > allowed:
                 raise ValueError(f"the units rank.method={ranking['method']} kept measure {pruned.total / dense.total:.4f} "
                                  f"of dense ({cost.describe()}), over select.budget={p.budget}")
-            # The model and the measurement disagree (e.g. an emptied sublayer's constant): tighten by at
-            # least one neuron's cost so the next allocation differs.
-            target -= max(pruned.total - math.floor(allowed), costs.neuron)
         else:
-            raise RuntimeError(f"could not meet select.budget={p.budget}: {cost.describe()} measure "
-                               f"{pruned.total / dense.total:.6f} of dense after 5 allocations")
+            for _ in range(5):
+                heads, neurons = allocate(ranking, p, costs, target, L, H, N, head_step)
+                keep_h, keep_n = keep_sets(ranking, heads, neurons, adapter.group)
+                pruned_model, pruned = slice_and_measure(keep_h, keep_n)
+                if pruned.total <= allowed:
+                    break
+                # The model and the measurement disagree (e.g. an emptied sublayer's constant): tighten by at
+                # least one neuron's cost so the next allocation differs.
+                target -= max(pruned.total - math.floor(allowed), costs.neuron)
+            else:
+                raise RuntimeError(f"could not meet select.budget={p.budget}: {cost.describe()} measure "
+                                   f"{pruned.total / dense.total:.6f} of dense after 5 allocations")
     except allocation.InfeasibleBudget as e:
         smallest = (int(e.args[0]) + other) / dense.total
         raise ValueError(

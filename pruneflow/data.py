@@ -1,4 +1,5 @@
-"""Task data: reading the packaged Rotten Tomatoes sentences, or a user's data through `datasets`.
+"""Task data: reading the packaged rated sentences (Rotten Tomatoes, Amazon reviews, NYT editorials, tweets), or a
+user's data through `datasets`.
 
 Prepared splits are jsonl files with {"text": ..., "label": ...} rows (label absent for unlabeled data)."""
 
@@ -10,15 +11,23 @@ import json
 import tarfile
 from pathlib import Path
 
-RT_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+# Hutto & Gilbert (2014) human-rated sentence sets inside the vadersentiment sdist: prepare.source -> member
+SNIPPETS = {
+    "rt_snippets": "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",  # 10,605 Rotten Tomatoes sentences
+    "amazon_snippets": "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",  # 3,708 product-review sentences
+    "nyt_snippets": "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt",  # 5,190 NYT editorial sentences
+    "tweet_snippets": "hutto_ICWSM_2014/tweets_GroundTruth.txt",  # 4,200 tweets
+}
+RT_MEMBER = SNIPPETS["rt_snippets"]
 
 
 class DataError(ValueError):
     pass
 
 
-def read_rt_snippets(sdist: str | Path, min_abs_rating: float) -> tuple[list[dict], dict]:
-    """Rotten Tomatoes sentences with mean human ratings in [-4, 4] (Hutto & Gilbert 2014), binarised at 0.
+def read_rt_snippets(sdist: str | Path, min_abs_rating: float, member: str = RT_MEMBER) -> tuple[list[dict], dict]:
+    """Sentences with mean human ratings in [-4, 4] (Hutto & Gilbert 2014), binarised at 0: the Rotten Tomatoes
+    set by default, or another `SNIPPETS` member.
 
     The vadersentiment *source* distribution nests a second tarball holding them; rows are
     `id<TAB>rating<TAB>text` with CRLF line ends."""
@@ -31,7 +40,7 @@ def read_rt_snippets(sdist: str | Path, min_abs_rating: float) -> tuple[list[dic
             raise DataError(f"{sdist} has no additional_resources/hutto_ICWSM_2014.tar.gz")
         inner_bytes = outer.extractfile(inner_name).read()
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-        raw = inner.extractfile(RT_MEMBER).read()
+        raw = inner.extractfile(member).read()
     text = raw.decode("utf-8", errors="replace")
     rows, dropped = [], 0
     for line in text.splitlines():
@@ -43,7 +52,7 @@ def read_rt_snippets(sdist: str | Path, min_abs_rating: float) -> tuple[list[dic
             dropped += 1
             continue
         rows.append({"text": sentence, "label": int(rating > 0), "rating": rating})
-    info = {"source": f"{sdist.name}:{inner_name}:{RT_MEMBER}", "dropped_near_neutral": dropped}
+    info = {"source": f"{sdist.name}:{inner_name}:{member}", "dropped_near_neutral": dropped}
     return rows, info
 
 

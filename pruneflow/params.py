@@ -58,13 +58,14 @@ class RuntimeParams(Section):
 
 
 class PrepareParams(Section):
-    source: Literal["rt_snippets", "file"] = Field(
-        "rt_snippets", description="rt_snippets: Rotten Tomatoes sentences inside the vadersentiment sdist at `path`; "
+    source: Literal["rt_snippets", "amazon_snippets", "nyt_snippets", "tweet_snippets", "file"] = Field(
+        "rt_snippets", description="rt_snippets (Rotten Tomatoes), amazon_snippets, nyt_snippets, tweet_snippets: "
+                                   "human-rated sentences inside the vadersentiment sdist at `path`; "
                                    "file: your own .jsonl/.csv at `path`")
     path: str = Field("assets/vaderSentiment-3.3.2.tar.gz", description="the file `source` reads (a DVC dependency)")
     text_column: str = "text"
     label_column: str | None = "label"
-    min_abs_rating: float = Field(0.5, ge=0, description="rt_snippets: drop sentences with |rating| below this")
+    min_abs_rating: float = Field(0.5, ge=0, description="*_snippets: drop sentences with |rating| below this")
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     calib_size: int = Field(2048, ge=1, description="unlabeled calibration sentences drawn from train")
     seed: int = 0
@@ -287,6 +288,17 @@ class Params(Section):
     sweep: SweepParams = SweepParams()
     lm: LMParams = LMParams()
     sparsify: SparsifyParams = SparsifyParams()
+    # More labeled tasks for the cross-task comparison (datasets/dvc.yaml, `make datasets`): name -> the dotted
+    # params this dataset changes (e.g. prepare.source); every stage run with `--dataset name` applies them.
+    datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_names(cls, v: dict) -> dict:
+        for name in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(f"dataset name {name!r}: use lower-case letters, digits and _ (it names folders)")
+        return v
 
 
 def _format(err: ValidationError, source: str) -> str:
@@ -315,9 +327,23 @@ def _known_keys(section: str | None) -> list[str]:
 
 def validate_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
     try:
-        return Params.model_validate(raw or {})
+        params = Params.model_validate(raw or {})
     except ValidationError as err:
         raise ParamsError(_format(err, source)) from None
+    for name, overrides in params.datasets.items():  # each dataset's params must be valid too, before any run
+        if "datasets" in {k.split(".")[0] for k in overrides}:
+            raise ParamsError(f"{source}: datasets.{name} may not change `datasets`")
+        validate_params(apply_overrides({k: v for k, v in (raw or {}).items() if k != "datasets"}, overrides),
+                        f"{source} (datasets.{name})")
+    return params
+
+
+def dataset_overrides(raw: dict[str, Any], name: str, source: str = "params") -> dict[str, Any]:
+    """The dotted overrides of dataset `name` (params `datasets`), or a clear error naming the known ones."""
+    known = (raw or {}).get("datasets") or {}
+    if name not in known:
+        raise ParamsError(f"{source}: no dataset {name!r} under `datasets` (known: {', '.join(known) or 'none'})")
+    return known[name]
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -355,8 +381,12 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
+                dataset: str | None = None) -> Params:
+    """The params file, with a dataset's overrides (params `datasets`) and then `overrides` applied."""
     raw = read_raw(path)
+    if dataset:
+        overrides = dataset_overrides(raw, dataset, str(path)) | (overrides or {})
     if overrides:
         raw = apply_overrides(raw, overrides)
     return validate_params(raw, str(path))

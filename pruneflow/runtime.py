@@ -121,13 +121,15 @@ def stage_main(name: str, run: Callable[[Params, Layout], dict | None], argv: li
     parser.add_argument("--data", default="data", help="data folder under the root (the LM pipeline: data/lm)")
     parser.add_argument("--metrics", default="metrics", help="metrics folder under the root (LM: metrics/lm)")
     parser.add_argument("--plots", default="plots", help="plots folder under the root (LM: plots/lm)")
+    parser.add_argument("--dataset", default=None, metavar="NAME",
+                        help="apply the params of datasets.NAME (another labeled task; see datasets/dvc.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this run only, e.g. --set select.budget=0.4")
     args = parser.parse_args(argv)
     setup_logging()
     t0 = time.perf_counter()
     try:
-        params = load_params(args.params, parse_overrides(args.overrides))
+        params = load_params(args.params, parse_overrides(args.overrides), args.dataset)
         summary = run(params, Layout(Path(args.root), args.data, args.metrics, args.plots)) or {}
     except (ParamsError, ValueError, FileNotFoundError) as err:
         # Expected, user-fixable problems: one clear message, no traceback, nothing half-written.

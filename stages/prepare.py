@@ -1,6 +1,6 @@
 """prepare: materialise the task data.
 
-reads   prepare.path (the vadersentiment sdist's Rotten Tomatoes sentences, or a user's data: a
+reads   prepare.path (the vadersentiment sdist's rated sentences: Rotten Tomatoes, Amazon, NYT or tweets; or a user's data: a
         .jsonl/.json/.csv/.tsv/.parquet/.txt file, a saved `datasets` directory, or a hub dataset name)
 writes  data/prepared/{train,eval,calib}.jsonl, data/prepared/provenance.json
 params  prepare
@@ -15,7 +15,7 @@ import random
 import sys
 
 from pruneflow.artifacts import write_json, write_jsonl
-from pruneflow.data import RT_LABELS, DataError, read_rt_snippets, read_user_file
+from pruneflow.data import RT_LABELS, SNIPPETS, DataError, read_rt_snippets, read_user_file
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, stage_main
 
@@ -25,8 +25,8 @@ log = logging.getLogger("pruneflow.prepare")
 def run(params: Params, layout: Layout) -> dict:
     """Split the task data into train / eval / calib with a fixed seed."""
     p = params.prepare
-    if p.source == "rt_snippets":
-        rows, info = read_rt_snippets(layout / p.path, p.min_abs_rating)
+    if p.source in SNIPPETS:
+        rows, info = read_rt_snippets(layout / p.path, p.min_abs_rating, SNIPPETS[p.source])
         info |= {"package": "vadersentiment==3.3.2 (source distribution)",
                  "id2label": {str(k): v for k, v in RT_LABELS.items()}}
     else:

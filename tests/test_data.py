@@ -113,3 +113,49 @@ def test_tiny_tokenizer_knows_its_words(tmp_path):
     tok = tiny_tokenizer(tmp_path / "vocab")
     ids = tok(" ".join(WORDS[:5]))["input_ids"]
     assert tok.unk_token_id not in ids and len(set(ids)) == 7
+
+
+def _hutto_sdist(tmp_path, members: dict[str, str]):
+    """A stand-in vadersentiment sdist: the nested hutto_ICWSM_2014 tarball with these members (id, rating, text)."""
+    import io
+    import tarfile
+
+    def add(tar, name, data: bytes):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as tar:
+        for name, text in members.items():
+            add(tar, name, text.encode())
+    path = tmp_path / "vader.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        add(tar, "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz", inner.getvalue())
+    return path
+
+
+def test_every_packaged_snippet_source_reads_its_own_member(tmp_path):
+    from pruneflow.data import SNIPPETS, read_rt_snippets
+
+    members = {m: f"1\t{i + 1}.5\t{src} sentence\r\n2\t-0.2\tneutral\r\n3\t-2\tbad {src}\r\n"
+               for i, (src, m) in enumerate(SNIPPETS.items())}
+    sdist = _hutto_sdist(tmp_path, members)
+    for src, member in SNIPPETS.items():
+        rows, info = read_rt_snippets(sdist, 0.5, member)
+        assert [r["text"] for r in rows] == [f"{src} sentence", f"bad {src}"]
+        assert [r["label"] for r in rows] == [1, 0] and info["dropped_near_neutral"] == 1
+        assert info["source"].endswith(member)
+
+
+def test_prepare_reads_the_source_a_dataset_names(tmp_path):
+    import stages.prepare
+    from pruneflow.data import SNIPPETS
+
+    text = "".join(f"{i}\t{(-1) ** i * 2}\ttweet number {i}\r\n" for i in range(30))
+    sdist = _hutto_sdist(tmp_path, {SNIPPETS["tweet_snippets"]: text, SNIPPETS["rt_snippets"]: "1\t2\tfilm\r\n"})
+    params = validate_params({"prepare": {"source": "tweet_snippets", "path": str(sdist), "calib_size": 8}})
+    out = stages.prepare.run(params, Layout(tmp_path))
+    assert out == {"n_train": 24, "n_eval": 6, "n_calib": 8}
+    rows = [json.loads(line) for line in (tmp_path / "data/prepared/train.jsonl").read_text().splitlines()]
+    assert all(r["text"].startswith("tweet number") for r in rows)

@@ -1,4 +1,4 @@
-"""dvc.yaml (and sweep/dvc.yaml) list every repository file each stage's module imports, transitively, so
+"""dvc.yaml (and sweep/, lm/, datasets/dvc.yaml) list every repository file each stage's module imports, transitively, so
 editing any of them re-runs the stages that use it (a stale result never looks current)."""
 
 from __future__ import annotations
@@ -12,9 +12,18 @@ from repo_imports import REPO, transitive_files
 
 
 def _stages():
-    for dvc_file in ("dvc.yaml", "sweep/dvc.yaml", "lm/dvc.yaml"):
+    """Every stage of every pipeline; a `foreach` stage once per entry of the repo's params.yaml `datasets`, with
+    ${key} filled in as DVC does."""
+    datasets = yaml.safe_load((REPO / "params.yaml").read_text()).get("datasets") or {}
+    for dvc_file in ("dvc.yaml", "sweep/dvc.yaml", "lm/dvc.yaml", "datasets/dvc.yaml"):
         for name, stage in yaml.safe_load((REPO / dvc_file).read_text())["stages"].items():
-            yield dvc_file, name, stage
+            if "foreach" not in stage:
+                yield dvc_file, name, stage
+                continue
+            assert stage["foreach"] == "${datasets}", f"{dvc_file} {name}: only foreach over datasets is expected"
+            for key in datasets:
+                text = yaml.safe_dump(stage["do"]).replace("${key}", key)
+                yield dvc_file, f"{name}@{key}", yaml.safe_load(text)
 
 
 @pytest.mark.parametrize("dvc_file,name,stage", list(_stages()), ids=lambda v: v if isinstance(v, str) else "")
@@ -58,13 +67,13 @@ def test_every_dep_is_tracked_by_git_or_produced_by_a_stage():
     params = Params()
     outs = set()
     for _, _, stage in _stages():
-        outs |= {Path(o if isinstance(o, str) else next(iter(o))) for o in stage.get("outs", [])}
+        outs |= {Path(o if isinstance(o, str) else next(iter(o))) for o in stage.get("outs", []) + stage.get("metrics", [])}
     for dvc_file, name, stage in _stages():
         for d in stage["deps"]:
             if d == "${prepare.path}":
                 d = params.prepare.path
             dep = Path(d)
-            produced = any(dep == o or o in dep.parents for o in outs)
+            produced = any(dep == o or o in dep.parents or dep in o.parents for o in outs)
             in_git = dep in tracked or any(dep in t.parents for t in tracked)
             assert produced or in_git, (f"{dvc_file} stage {name!r} depends on {d}, which neither git tracks nor a "
                                         "stage produces: an experiment's workspace would not have it")

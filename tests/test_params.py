@@ -212,3 +212,34 @@ def test_nm_patterns_stay_strings_when_dvc_writes_them_unquoted(tmp_path):
     p = load_params(path)
     assert p.sparsify.patterns == ["2:4", "50%"] and p.select.min_neurons == 16
     assert parse_overrides(["sparsify.patterns=[4:8]"]) == {"sparsify.patterns": ["4:8"]}
+
+
+def test_a_dataset_applies_its_overrides_then_the_cli_ones(tmp_path):
+    path = write(tmp_path, {"select": {"budget": 0.5},
+                            "datasets": {"amazon": {"prepare.source": "amazon_snippets", "select.budget": 0.4}}})
+    assert load_params(path).prepare.source == "rt_snippets"
+    p = load_params(path, dataset="amazon")
+    assert (p.prepare.source, p.select.budget) == ("amazon_snippets", 0.4)
+    assert load_params(path, {"select.budget": 0.3}, "amazon").select.budget == 0.3
+    with pytest.raises(ParamsError, match=r"no dataset 'tweets'.*known: amazon"):
+        load_params(path, dataset="tweets")
+
+
+@pytest.mark.parametrize("datasets,match", [
+    ({"amazon": {"prepare.sourc": "amazon_snippets"}}, r"(?s)datasets\.amazon.*prepare\.sourc: unknown key"),
+    ({"amazon": {"select.budget": 1.5}}, r"(?s)datasets\.amazon.*select\.budget"),
+    ({"Amazon Reviews": {}}, "lower-case"),
+    ({"amazon": {"datasets.x": {}}}, "may not change"),
+])
+def test_a_bad_dataset_entry_fails_when_the_file_is_validated(tmp_path, datasets, match):
+    with pytest.raises(ParamsError, match=match):
+        load_params(write(tmp_path, {"datasets": datasets}))
+
+
+def test_stage_main_dataset_flag(tmp_path, capsys):
+    calls: list = []
+    path = write(tmp_path, {"datasets": {"tweets": {"prepare.source": "tweet_snippets"}}})
+    assert stage_main("prepare", dummy_run(calls), ["--params", str(path), "--dataset", "tweets"]) == 0
+    assert calls[0].prepare.source == "tweet_snippets"
+    assert stage_main("prepare", dummy_run(calls), ["--params", str(path), "--dataset", "nyt"]) == 2
+    assert "no dataset 'nyt'" in capsys.readouterr().err

@@ -62,6 +62,7 @@ PIPELINES = {
     "default": Pipeline(None, "params.yaml"),
     "lm": Pipeline("lm/dvc.yaml:evaluate", "lm/params.yaml", quality="metrics/lm/quality.json"),
     "lm-sparse": Pipeline("lm/dvc.yaml:sparsify_lm", "params.yaml", table="plots/sparse_lm.md"),
+    "datasets": Pipeline("datasets/dvc.yaml:cross_task", "params.yaml", table="plots/cross_task.md"),
 }
 
 
@@ -98,7 +99,8 @@ def prune_pipeline(project_dir: str = ".", params_file: str | None = None,
     so several workers on one pool share results instead of recomputing them.
     experiment: the experiment's name (default: this flow run's name).
     pipeline: which DVC pipeline: "default" (dvc.yaml, the classifier), "lm" (lm/dvc.yaml through evaluate:
-    structured pruning of the causal LM, params in lm/params.yaml) or "lm-sparse" (lm/dvc.yaml's sparsify_lm:
+    structured pruning of the causal LM, params in lm/params.yaml), "datasets" (every classifier task of params
+    `datasets` swept and compared with the RT sweep: plots/cross_task.md) or "lm-sparse" (lm/dvc.yaml's sparsify_lm:
     weight sparsity of the causal LM); the same flow and experiment mechanics each time.
     params_file: default: the pipeline's own (params.yaml; lm/params.yaml for "lm").
     Returns the results table as a dict (None where a stage has not run), each stage's status and the
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default=None, help="experiment name (default: the flow run's name)")
     parser.add_argument("--pipeline", default="default", choices=sorted(PIPELINES),
                         help="default: dvc.yaml (the classifier); lm: structured pruning of the causal LM "
-                             "(lm/dvc.yaml, lm/params.yaml); lm-sparse: weight sparsity of the causal LM")
+                             "(lm/dvc.yaml, lm/params.yaml); lm-sparse: weight sparsity of the causal LM; datasets: "
+                             "the cross-task comparison (datasets/dvc.yaml)")
     args = parser.parse_args(argv)
     try:
         results = prune_pipeline(project_dir=args.project_dir, params_file=args.params,

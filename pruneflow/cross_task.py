@@ -85,3 +85,38 @@ def markdown(summary: dict) -> str:
             out.write(f"- {c['task']}: default significantly worse than the baseline "
                       + ("nowhere\n" if c["not_worse_than_baseline"] else f"at {c['worse_at']}\n"))
     return out.getvalue()
+
+
+def calib_sizes(tasks: dict[str, list[dict]], default: str, baseline: str) -> dict:
+    """tasks: task name -> its calib_size rows. Per task, budget and calibration size: the default's accuracy loss,
+    its difference from the baseline (points, + = the default is ahead) and that difference's paired verdict."""
+    out = {}
+    for t, rows in tasks.items():
+        cell = {(r["calib_size"], r["method"], r["budget"]): r for r in rows}
+        for (n, m, b), r in cell.items():
+            base = cell.get((n, baseline, b))
+            if m != default or base is None:
+                continue
+            out.setdefault(t, {}).setdefault(f"{b:g}", {})[str(n)] = {
+                "loss_points": loss_points(r), "vs_baseline_points": 100.0 * (r[ACC] - base[ACC]),
+                "verdict": r.get("vs_baseline", {}).get(ACC, {}).get("verdict")}
+    return out
+
+
+def calib_markdown(table: dict, default: str, baseline: str) -> str:
+    cols = [(t, b) for t in table for b in table[t]]
+    sizes = sorted({int(n) for t, b in cols for n in table[t][b]})
+    out = io.StringIO()
+    out.write(f"Accuracy points `{default}` loses against the dense model, by calibration sentences (in brackets: "
+              f"`{default}` − `{baseline}`, ▲ / ▼ where McNemar's test calls it significant, p < 0.05).\n\n")
+    out.write("| calibration sentences | " + " | ".join(f"{t} @ {b}" for t, b in cols) + " |\n")
+    out.write("|---|" + "---|" * len(cols) + "\n")
+    mark = {"better": "▲", "worse": "▼"}
+    for n in sizes:
+        vals = []
+        for t, b in cols:
+            c = table[t][b].get(str(n))
+            vals.append("–" if c is None else
+                        f"{c['loss_points']:.2f} ({c['vs_baseline_points']:+.2f}{mark.get(c['verdict'], '')})")
+        out.write(f"| {n} | " + " | ".join(vals) + " |\n")
+    return out.getvalue()

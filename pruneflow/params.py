@@ -211,8 +211,20 @@ class SweepParams(Section):
                                                                  "each budget by a paired test (McNemar); skipped when "
                                                                  "it is not among the methods run")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the paired tests")
+    calib_sizes: list[int] = Field(default_factory=lambda: [128, 256, 512, 1024, 2048],
+                                   description="calib_size stage: calibration sentences the default and the baseline "
+                                               "are pruned from (the first n of the calibration set)")
+    calib_budgets: list[float] = Field(default_factory=lambda: [0.5, 0.4],
+                                       description="calib_size stage: the FLOP budgets it prunes to")
 
-    @field_validator("budgets")
+    @field_validator("calib_sizes")
+    @classmethod
+    def _calib_sizes(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError(f"calibration sizes must be positive counts of sentences; got {v}")
+        return v
+
+    @field_validator("budgets", "calib_budgets")
     @classmethod
     def _budgets(cls, v: list[float]) -> list[float]:
         bad = [b for b in v if not 0 < b <= 1]

@@ -55,8 +55,11 @@ def test_stage_compares_rt_with_every_dataset_and_names_a_missing_sweep(tmp_path
     from pruneflow.runtime import Layout, stage_main
     from stages import cross_task
 
-    params = validate_params({"datasets": {"tweets": {"prepare.source": "tweet_snippets"}}})
+    params = validate_params({"datasets": {"tweets": {"prepare.source": "tweet_snippets"}}, "sweep": {"baseline": "base"}})
     (tmp_path / "metrics/datasets/tweets").mkdir(parents=True)
+    calib = [row("obs", 0.5, 0.84, "within noise") | {"calib_size": 128}, row("base", 0.5, 0.83) | {"calib_size": 128}]
+    for folder in ("metrics", "metrics/datasets/tweets"):
+        (tmp_path / folder / "calib_size.json").write_text(json.dumps({"points": calib}))
     (tmp_path / "metrics/sweep.json").write_text(json.dumps({"points": TASKS["rt"]}))
     with pytest.raises(FileNotFoundError, match="tweets/sweep.json"):
         cross_task.run(params, Layout(tmp_path))
@@ -64,7 +67,10 @@ def test_stage_compares_rt_with_every_dataset_and_names_a_missing_sweep(tmp_path
     assert cross_task.run(params, Layout(tmp_path)) == {"tasks": 2, "best_by_mean": "obs"}
     saved = json.loads((tmp_path / "metrics/cross_task.json").read_text())
     assert saved["tasks"] == ["rt", "tweets"] and saved["budgets"] == [0.5, 0.4]
-    assert (tmp_path / "plots/cross_task.md").read_text().startswith("Accuracy points lost")
+    c = saved["calib_sizes"]["tweets"]["0.5"]["128"]
+    assert c["loss_points"] == pytest.approx(1.0) and c["vs_baseline_points"] == pytest.approx(1.0)
+    md = (tmp_path / "plots/cross_task.md").read_text()
+    assert md.startswith("Accuracy points lost") and "| 128 | 1.00 (+1.00) | 1.00 (+1.00) |" in md
     params_file = tmp_path / "params.yaml"
     params_file.write_text("datasets:\n  nyt: {prepare.source: nyt_snippets}\n")
     assert stage_main("cross_task", cross_task.run, ["--params", str(params_file), "--root", str(tmp_path)]) == 2

@@ -102,7 +102,7 @@ def test_selection_is_deterministic(tmp_path):
 
 
 def test_every_stage_has_a_cli_that_rejects_bad_params(tiny_project):
-    for stage in STAGES + ["sweep"]:
+    for stage in STAGES + ["sweep", "calib_size", "cross_task"]:
         r = cli(tiny_project, stage, "--set", "select.budget=1.5")
         assert r.returncode == 2, (stage, r.stderr[-500:])
         assert "select.budget" in r.stderr and "less than or equal to 1" in r.stderr
@@ -183,6 +183,22 @@ def test_sweep_writes_table_csv_and_plot(tmp_path):
     assert "| obs |" in table and "| magnitude+none |" in table
     assert (root / "plots/sweep.png").stat().st_size > 0
     assert (root / "plots/sweep.csv").read_text().startswith("method,budget,flops_ratio")
+
+
+def test_calib_size_prunes_from_the_first_n_sentences(tmp_path):
+    root = make_tiny_project(tmp_path / "p", {"sweep": {"calib_sizes": [8, 24, 500], "calib_budgets": [0.6]}})
+    run_chain(root, PRUNE_CHAIN[:2] + ["calib_size"])
+    result = json.loads((root / "metrics/calib_size.json").read_text())
+    rows = result["points"]
+    assert (result["default"], result["baseline"]) == ("obs", "activation+noseq")
+    assert [(r["calib_size"], r["method"]) for r in rows] == [(n, m) for n in (8, 24, 500)
+                                                              for m in ("obs", "activation+noseq")]
+    assert [r["calib_sentences"] for r in rows[::2]] == [8, 24, 48]  # the tiny project has 48 calibration sentences
+    assert all(r["flops_ratio"] <= 0.6 + 1e-9 for r in rows)
+    assert all("vs_baseline" in r for r in rows if r["method"] == "obs") and "_items" not in rows[0]
+    assert "| 24 |" in (root / "plots/calib_size.md").read_text()
+    assert (root / "plots/calib_size.png").stat().st_size > 0
+    assert not (root / "data/stats").exists()  # scratch statistics only
 
 
 def test_sparsify_classifier_writes_table_and_paired_tests(tmp_path):

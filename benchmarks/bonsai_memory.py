@@ -35,13 +35,8 @@ device = setup_torch(params)
 task = get_task(params.task.kind)
 dense = "{dense}"
 model = task.load_model(dense).to(device).eval()
-samples = method_options(params.rank, "bonsai").samples
-batches, n = [], 0
-for enc in task.calibration_batches("{prepared}", load_tokenizer(dense), params.collect, device):
-    batches.append(enc)
-    n += enc["input_ids"].shape[0]
-    if n >= samples:
-        break
+batches = method_options(params.rank, "bonsai").scoring_batches(
+    task.calibration_batches("{prepared}", load_tokenizer(dense), params.collect, device))
 reference = task.calibration_reference(model, batches)
 loss = task.calibration_loss(model, batches, reference)
 print(json.dumps({{"loss": loss, **peak_memory()}}))

@@ -11,6 +11,8 @@ import io
 
 import numpy as np
 
+from pruneflow.stats_tests import mark
+
 ACC = "accuracy_pruned"
 
 
@@ -68,10 +70,9 @@ def markdown(summary: dict) -> str:
     head = [f"{t} {b:g}" for t in tasks for b in budgets]
     out.write("| method | mean loss | mean agreement | " + " | ".join(head) + " |\n")
     out.write("|---|---|---|" + "---|" * len(head) + "\n")
-    mark = {"better": "▲", "worse": "▼"}
     for m in order:
         row = table[m]
-        vals = [f"{row['loss'][t][b]:.2f}{mark.get(row['verdict'][t][b], '')}" for t in tasks for b in budgets]
+        vals = [f"{row['loss'][t][b]:.2f}{mark(row['verdict'][t][b])}" for t in tasks for b in budgets]
         name = f"**{m}**" if m == summary["default"] else m
         out.write(f"| {name} | {row['mean_loss']:.2f} | {100 * row['mean_agreement']:.1f}% | " + " | ".join(vals) + " |\n")
     best, default = summary["best_by_mean"], summary["default"]
@@ -111,12 +112,11 @@ def calib_markdown(table: dict, default: str, baseline: str) -> str:
               f"`{default}` − `{baseline}`, ▲ / ▼ where McNemar's test calls it significant, p < 0.05).\n\n")
     out.write("| calibration sentences | " + " | ".join(f"{t} @ {b}" for t, b in cols) + " |\n")
     out.write("|---|" + "---|" * len(cols) + "\n")
-    mark = {"better": "▲", "worse": "▼"}
     for n in sizes:
         vals = []
         for t, b in cols:
             c = table[t][b].get(str(n))
             vals.append("–" if c is None else
-                        f"{c['loss_points']:.2f} ({c['vs_baseline_points']:+.2f}{mark.get(c['verdict'], '')})")
+                        f"{c['loss_points']:.2f} ({c['vs_baseline_points']:+.2f}{mark(c['verdict'])})")
         out.write(f"| {n} | " + " | ".join(vals) + " |\n")
     return out.getvalue()

@@ -18,16 +18,15 @@ SNIPPETS = {
     "nyt_snippets": "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt",  # 5,190 NYT editorial sentences
     "tweet_snippets": "hutto_ICWSM_2014/tweets_GroundTruth.txt",  # 4,200 tweets
 }
-RT_MEMBER = SNIPPETS["rt_snippets"]
 
 
 class DataError(ValueError):
     pass
 
 
-def read_rt_snippets(sdist: str | Path, min_abs_rating: float, member: str = RT_MEMBER) -> tuple[list[dict], dict]:
-    """Sentences with mean human ratings in [-4, 4] (Hutto & Gilbert 2014), binarised at 0: the Rotten Tomatoes
-    set by default, or another `SNIPPETS` member.
+def read_snippets(sdist: str | Path, min_abs_rating: float, source: str = "rt_snippets") -> tuple[list[dict], dict]:
+    """Sentences with mean human ratings in [-4, 4] (Hutto & Gilbert 2014), binarised at 0: the set `source`
+    names in `SNIPPETS` (the Rotten Tomatoes sentences by default).
 
     The vadersentiment *source* distribution nests a second tarball holding them; rows are
     `id<TAB>rating<TAB>text` with CRLF line ends."""
@@ -40,7 +39,7 @@ def read_rt_snippets(sdist: str | Path, min_abs_rating: float, member: str = RT_
             raise DataError(f"{sdist} has no additional_resources/hutto_ICWSM_2014.tar.gz")
         inner_bytes = outer.extractfile(inner_name).read()
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-        raw = inner.extractfile(member).read()
+        raw = inner.extractfile(SNIPPETS[source]).read()
     text = raw.decode("utf-8", errors="replace")
     rows, dropped = [], 0
     for line in text.splitlines():
@@ -52,7 +51,7 @@ def read_rt_snippets(sdist: str | Path, min_abs_rating: float, member: str = RT_
             dropped += 1
             continue
         rows.append({"text": sentence, "label": int(rating > 0), "rating": rating})
-    info = {"source": f"{sdist.name}:{inner_name}:{member}", "dropped_near_neutral": dropped}
+    info = {"source": f"{sdist.name}:{inner_name}:{SNIPPETS[source]}", "dropped_near_neutral": dropped}
     return rows, info
 
 

@@ -253,6 +253,16 @@ def collect_statistics(model, adapter: Adapter, batches, vote_topk: float | None
     return col.stats
 
 
+def write_statistics(walk, directory, c, progress=None) -> tuple[Statistics, dict]:
+    """collect_blockwise into `directory`: one shard per block as it is finished, stats.json last (with `c`, the
+    collect params, and the family). Returns the statistics' totals and that info."""
+    info = {"vote_topk": c.vote_topk, "max_length": c.max_length, "family": walk.adapter.family}
+    writer = ShardWriter(directory)
+    stats = collect_blockwise(walk, c.vote_topk, progress, sink=writer)
+    writer.finish(stats, info)
+    return stats, info
+
+
 @torch.inference_mode()
 def collect_blockwise(walk, vote_topk: float | None = 0.1, progress=None, sink=None) -> Statistics:
     """What collect_statistics gathers, block by block on a blockwalk.BlockWalk: each block's hooks are attached

@@ -32,6 +32,11 @@ def paired_bootstrap(values_a: np.ndarray, values_b: np.ndarray, n_boot: int = 1
     return {"mean_diff": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi), "p_value": p, "items": int(d.size)}
 
 
+def mark(verdict: str | None) -> str:
+    """▲ / ▼ for a significant "better" / "worse" verdict; nothing within the noise (or untested)."""
+    return {"better": "▲", "worse": "▼"}.get(verdict, "")
+
+
 def verdict(p_value: float, diff: float, lower_is_better: bool, a: str, b: str, alpha: float = 0.05) -> str:
     if p_value >= alpha:
         return "within noise"

@@ -148,8 +148,16 @@ def paired_tests(rows: list[dict], baseline: str | None, alpha: float = 0.05, ta
 
 
 def _mark(row: dict, key: str) -> str:
-    t = row.get("vs_baseline", {}).get(key)
-    return "" if t is None else {"better": "▲", "worse": "▼"}.get(t["verdict"], "")
+    from pruneflow.stats_tests import mark
+
+    return mark(row.get("vs_baseline", {}).get(key, {}).get("verdict"))
+
+
+def cell_text(row: dict, task) -> str:
+    """One table cell: the task's main figure (its second in brackets), each with its paired-test mark."""
+    first, second = task.primary, task.secondary
+    return (f"{first.show(row[first.key])}{_mark(row, first.key)} "
+            f"({second.show(row[second.key], 1)}{_mark(row, second.key)})")
 
 
 def markdown_table(rows: list[dict], task=None) -> str:
@@ -172,9 +180,7 @@ def markdown_table(rows: list[dict], task=None) -> str:
     out.write("| method | " + " | ".join(f"{b:g}" for b in budgets) + " |\n")
     out.write("|---|" + "---|" * len(budgets) + "\n")
     for m in methods:
-        vals = [f"{first.show(cell[(m, b)][first.key])}{_mark(cell[(m, b)], first.key)} "
-                f"({second.show(cell[(m, b)][second.key], 1)}{_mark(cell[(m, b)], second.key)})"
-                if (m, b) in cell else "–" for b in budgets]
+        vals = [cell_text(cell[(m, b)], task) if (m, b) in cell else "–" for b in budgets]
         out.write(f"| {m} | " + " | ".join(vals) + " |\n")
     return out.getvalue()
 

@@ -27,8 +27,8 @@ from pruneflow.artifacts import atomic_path, write_json, write_text
 from pruneflow.blockwalk import BlockWalk, Residency
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, load_tokenizer, setup_torch, stage_main
-from pruneflow.stats import ShardWriter, collect_blockwise
-from pruneflow.sweep import ITEMS, paired_tests, run_point
+from pruneflow.stats import write_statistics
+from pruneflow.sweep import ITEMS, cell_text, paired_tests, run_point
 from pruneflow.tasks import get_task
 
 log = logging.getLogger("pruneflow.calib_size")
@@ -41,12 +41,8 @@ def collect_first(params: Params, layout: Layout, n: int, out: Layout) -> int:
     batches = task.calibration_batches(layout.prepared, load_tokenizer(layout.dense), params.collect, device)
     model = task.load_model(layout.dense, attn="sdpa").to(device)
     adapter = get_adapter(model)
-    writer = ShardWriter(out.stats)
-    stats = collect_blockwise(BlockWalk(model, adapter, batches, Residency(model, adapter, device, "none")),
-                              params.collect.vote_topk, sink=writer)
-    writer.finish(stats, {"vote_topk": params.collect.vote_topk, "max_length": params.collect.max_length,
-                          "family": adapter.family})
-    return stats.sequences
+    walk = BlockWalk(model, adapter, batches, Residency(model, adapter, device, "none"))
+    return write_statistics(walk, out.stats, params.collect)[0].sequences
 
 
 def run(params: Params, layout: Layout) -> dict:
@@ -61,8 +57,8 @@ def run(params: Params, layout: Layout) -> dict:
             p = Params.model_validate(params.model_dump() | {"collect": params.collect.model_dump() | {"max_samples": n}})
             scratch = Layout(Path(tmp), f"n{n}", f"n{n}/metrics", f"n{n}/plots")
             (Path(tmp) / f"n{n}").mkdir()
-            for sub in ("dense", "prepared"):
-                os.symlink((layout.root / layout.data / sub).resolve(), Path(tmp) / f"n{n}" / sub)
+            for src in (layout.dense, layout.prepared):
+                os.symlink(src.resolve(), Path(tmp) / f"n{n}" / src.name)
             used = collect_first(p, layout, n, scratch)
             if used < n:
                 log.warning("only %d calibration sentences, not %d: prepare.calib_size caps them", used, n)
@@ -87,7 +83,6 @@ def markdown(rows: list[dict], default: str, baseline: str, task) -> str:
     budgets = sorted({r["budget"] for r in rows}, reverse=True)
     sizes = sorted({r["calib_size"] for r in rows})
     cell = {(r["calib_size"], r["method"], r["budget"]): r for r in rows}
-    mark = {"better": "▲", "worse": "▼"}
     out = io.StringIO()
     out.write(f"{first.title} ({second.title}) by calibration sentences, dense = {first.show(rows[0][first.dense_key])}"
               f"{'%' if first.percent else ''}. ▲ / ▼: `{default}` better / worse than `{baseline}` by "
@@ -95,16 +90,8 @@ def markdown(rows: list[dict], default: str, baseline: str, task) -> str:
     head = [f"{m} @ {b:g}" for b in budgets for m in (default, baseline)]
     out.write("| calibration sentences | " + " | ".join(head) + " |\n|---|" + "---|" * len(head) + "\n")
     for n in sizes:
-        vals = []
-        for b in budgets:
-            for m in (default, baseline):
-                r = cell.get((n, m, b))
-                if r is None:
-                    vals.append("–")
-                    continue
-                t = r.get("vs_baseline", {})
-                vals.append(f"{first.show(r[first.key])}{mark.get(t.get(first.key, {}).get('verdict'), '')} "
-                            f"({second.show(r[second.key], 1)}{mark.get(t.get(second.key, {}).get('verdict'), '')})")
+        vals = [cell_text(cell[(n, m, b)], task) if (n, m, b) in cell else "–"
+                for b in budgets for m in (default, baseline)]
         out.write(f"| {n} | " + " | ".join(vals) + " |\n")
     return out.getvalue()
 

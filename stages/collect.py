@@ -28,7 +28,7 @@ from pruneflow.artifacts import write_json
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, load_tokenizer, peak_memory, release_freed_memory_to_os, setup_torch, stage_main
 from pruneflow.blockwalk import BlockWalk, Residency
-from pruneflow.stats import ShardWriter, collect_blockwise
+from pruneflow.stats import write_statistics
 from pruneflow.tasks import get_task
 
 log = logging.getLogger("pruneflow.collect")
@@ -62,13 +62,10 @@ def run(params: Params, layout: Layout) -> dict:
     adapter = get_adapter(model)
 
     t0 = time.perf_counter()
-    writer = ShardWriter(layout.stats)
     walk = BlockWalk(model, adapter, batches, Residency(model, adapter, device, offload))
     with tqdm(total=adapter.num_layers, desc="collect", unit="block") as bar:
-        stats = collect_blockwise(walk, p.vote_topk, bar, sink=writer)
+        stats, info = write_statistics(walk, layout.stats, p, bar)
     seconds = time.perf_counter() - t0
-    info = {"vote_topk": p.vote_topk, "max_length": p.max_length, "family": adapter.family}
-    writer.finish(stats, info)
     metrics = {"seconds": round(seconds, 2), "forward_seconds": forward_seconds and round(forward_seconds, 2),
                "offload": offload, **peak_memory(), **stats.info(), **info}
     write_json(layout.metrics / "collect.json", metrics)

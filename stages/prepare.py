@@ -15,7 +15,7 @@ import random
 import sys
 
 from pruneflow.artifacts import write_json, write_jsonl
-from pruneflow.data import RT_LABELS, SNIPPETS, DataError, read_rt_snippets, read_user_file
+from pruneflow.data import RT_LABELS, SNIPPETS, DataError, read_snippets, read_user_file
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, stage_main
 
@@ -26,7 +26,7 @@ def run(params: Params, layout: Layout) -> dict:
     """Split the task data into train / eval / calib with a fixed seed."""
     p = params.prepare
     if p.source in SNIPPETS:
-        rows, info = read_rt_snippets(layout / p.path, p.min_abs_rating, SNIPPETS[p.source])
+        rows, info = read_snippets(layout / p.path, p.min_abs_rating, p.source)
         info |= {"package": "vadersentiment==3.3.2 (source distribution)",
                  "id2label": {str(k): v for k, v in RT_LABELS.items()}}
     else:

@@ -136,13 +136,13 @@ def _hutto_sdist(tmp_path, members: dict[str, str]):
 
 
 def test_every_packaged_snippet_source_reads_its_own_member(tmp_path):
-    from pruneflow.data import SNIPPETS, read_rt_snippets
+    from pruneflow.data import SNIPPETS, read_snippets
 
     members = {m: f"1\t{i + 1}.5\t{src} sentence\r\n2\t-0.2\tneutral\r\n3\t-2\tbad {src}\r\n"
                for i, (src, m) in enumerate(SNIPPETS.items())}
     sdist = _hutto_sdist(tmp_path, members)
     for src, member in SNIPPETS.items():
-        rows, info = read_rt_snippets(sdist, 0.5, member)
+        rows, info = read_snippets(sdist, 0.5, src)
         assert [r["text"] for r in rows] == [f"{src} sentence", f"bad {src}"]
         assert [r["label"] for r in rows] == [1, 0] and info["dropped_near_neutral"] == 1
         assert info["source"].endswith(member)

@@ -37,6 +37,16 @@ class Bonsai(Method):
     folds: int = Field(5, ge=2, description="cross-validation folds (Kendall tau) choosing the penalty")
     perturb: bool = Field(True, description="false: the prior-only ablation (same rounds, lowest prior removed)")
 
+    def scoring_batches(self, calibration) -> list[dict]:
+        """The calibration batches every sub-model is scored on: the first ones, up to `samples` sequences."""
+        batches, n = [], 0
+        for enc in calibration:
+            batches.append(enc)
+            n += enc["input_ids"].shape[0]
+            if n >= self.samples:
+                break
+        return batches
+
     def plan(self, ctx) -> dict:
         from pruneflow.bonsai import bonsai_search, unit_prior
         from pruneflow.cost import make_cost
@@ -44,12 +54,7 @@ class Bonsai(Method):
         if ctx.task is None or ctx.select is None or ctx.calibration is None:
             raise ValueError("rank.method=bonsai needs the task, the select params and calibration data")
         model, sp = ctx.adapter.model, ctx.select
-        batches, n = [], 0
-        for enc in ctx.calibration():
-            batches.append(enc)
-            n += enc["input_ids"].shape[0]
-            if n >= self.samples:
-                break
+        batches = self.scoring_batches(ctx.calibration())
         reference = ctx.task.calibration_reference(model, batches)
         cost = make_cost(sp.cost, ctx.seq_len, sp.tolerance)
         dense = cost.measure(model)

@@ -19,11 +19,14 @@ def coarse_mean(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x.float().mean(0).double() * 256) / 256
 
 
+def ridge_lambda(C: torch.Tensor, ridge: float) -> float:
+    """λ = ridge × the mean diagonal of C (so `ridge` is scale-free)."""
+    return ridge * float(C.diagonal().mean().clamp_min(1e-12)) if C.shape[0] else 0.0
+
+
 def ridge_eye(C: torch.Tensor, ridge: float) -> torch.Tensor:
-    """λI with λ = ridge × the mean diagonal of C (so `ridge` is scale-free)."""
-    k = C.shape[0]
-    lam = ridge * float(C.diagonal().mean().clamp_min(1e-12)) if k else 0.0
-    return lam * torch.eye(k, dtype=C.dtype, device=C.device)
+    """λI, λ = ridge_lambda(C, ridge)."""
+    return ridge_lambda(C, ridge) * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
 
 
 @dataclass

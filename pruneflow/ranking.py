@@ -14,6 +14,7 @@ from pruneflow.adapters import SUBLAYERS, Adapter
 from pruneflow.methods import METHODS, RankContext, method_options
 from pruneflow.methods.base import weight_of
 from pruneflow.params import RankParams
+from pruneflow.runtime import trim_freed_memory
 from pruneflow.stats import ModuleStats, Statistics
 
 
@@ -66,10 +67,12 @@ def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: boo
             chunk = 1 if name == "attn" else max(1, math.ceil(p.chunk * units))
             W = weight_of(adapter.out_proj(i, name))
             W_eff, scale = error_space(adapter, i, name, W, st, p.norm_weighting)
-            path = scoring.elimination_path(st.cov, W_eff, adapter.group_size(name), order, chunk, p.ridge)
+            cov, st = st.cov, None  # the Gram is not needed while the path runs
+            path = scoring.elimination_path(cov, W_eff, adapter.group_size(name), order, chunk, p.ridge)
             entry[name] = {"units": units, "order": path.order, "removed": path.removed,
                            "error": [e / scale for e in path.error], "scale": scale}
         layers.append(entry)
+        trim_freed_memory()  # this layer's N×N temporaries, so the next layer's do not come on top of them
     out = {"method": p.method, "head_method": head_method_name(p), "layers": layers}
     if plan is not None:
         out |= {"keep_heads": plan["keep_heads"], "keep_neurons": plan["keep_neurons"], "rounds": plan["rounds"],

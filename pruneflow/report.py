@@ -59,6 +59,7 @@ def results_table(project_dir: str | Path, params: Params, read: Callable[[str],
         "budget": quality.get("budget", params.select.budget if m["quality"] else None),
         "methods": quality.get("methods"),
         "prune_seconds": quality.get("prune_seconds"),
+        "prune_over_forward": quality.get("prune_over_forward"),
         "flops_dense": flops_dense,
         "flops_pruned": flops_pruned,
         "flops_ratio": quality.get("flops_ratio") or (flops_pruned / flops_dense if flops_dense and flops_pruned
@@ -109,6 +110,8 @@ def results_markdown(r: dict[str, Any], stages: dict[str, str] | None = None, ex
         text += f"\n\nmethods: {methods}"
     if r["prune_seconds"] is not None:
         text += f"; pruning took {r['prune_seconds']:.1f} s"
+        if r.get("prune_over_forward") is not None:
+            text += f" ({r['prune_over_forward']:.2f}× the plain forward passes over the calibration set)"
     if r["not_run"]:
         text += "\n\nnot run (no metrics file): " + ", ".join(r["not_run"])
     if stages:
@@ -125,7 +128,7 @@ def quality_markdown(quality: dict[str, Any], task_kind: str) -> str:
     from pruneflow.tasks import get_task
 
     keys = [*get_task(task_kind).headline, "perplexity_ratio", "flops_ratio", "budget", "cost", "prune_seconds",
-            "forward_seconds"]
+            "forward_seconds", "prune_over_forward", "load_seconds"]
     rows = [[k, _num(quality[k])] for k in dict.fromkeys(keys) if k in quality]
     text = markdown_table(["", "value"], rows)
     if isinstance(quality.get("methods"), dict):

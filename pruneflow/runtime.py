@@ -92,6 +92,18 @@ def release_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> None:
         pass
 
 
+def trim_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS now (glibc malloc_trim; elsewhere a no-op). After a phase that
+    allocated and freed many large tensors (Bonsai's sliced sub-models), glibc keeps that memory as free heap, and
+    the process's RSS would carry it into the next phase's peak."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

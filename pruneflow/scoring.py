@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pruneflow.moments import ridge_eye
+from pruneflow.moments import ridge_lambda
 from pruneflow.adapters import head_columns
 
 
@@ -39,10 +39,16 @@ def elimination_path(C: torch.Tensor, W: torch.Tensor, group: int = 1, order: li
     error increase; return the order and the error of the remaining set after each chunk.
 
     C: (N, N) activation covariance; W: (d, N) output projection; N = units * group. The matrices are
-    compacted after every step, so the work shrinks with the alive set (≈ N³ / (3·chunk) in all)."""
+    compacted after every step, so the work shrinks with the alive set (≈ N³ / (3·chunk) in all). C⁻¹ lives in
+    a preallocated N×N buffer and a second one takes the update's product and the compaction's row gather, so no
+    step allocates an N×N matrix: a path holds a fixed 2·N² doubles, and the heap does not grow with the steps."""
     C, W = C.double(), W.double()
-    units = C.shape[0] // group
-    Hinv = torch.linalg.inv(C + ridge_eye(C, ridge))
+    n, units = C.shape[0], C.shape[0] // group
+    store = torch.empty(2, n * n, dtype=torch.float64, device=C.device)
+    view = lambda b, rows, cols: store[b, : rows * cols].view(rows, cols)  # noqa: E731
+    regularised = view(1, n, n).copy_(C)  # C + λI
+    regularised.diagonal().add_(ridge_lambda(C, ridge))
+    Hinv = torch.linalg.inv(regularised, out=view(0, n, n))
     Wc = W.clone()
     alive = torch.arange(units)  # unit ids still in, in the current (compacted) column order
     position = {int(u): k for k, u in enumerate(alive)}
@@ -61,11 +67,16 @@ def elimination_path(C: torch.Tensor, W: torch.Tensor, group: int = 1, order: li
         total += float(torch.einsum("dq,qr,dr->", WQ, HQQ_inv, WQ))
         rowsQ = HQQ_inv @ Hinv[Q, :]
         Wc.sub_(WQ @ rowsQ)
-        Hinv.sub_(Hinv[:, Q] @ rowsQ)
+        m = Hinv.shape[0]
+        Hinv.sub_(torch.mm(Hinv[:, Q], rowsQ, out=view(1, m, m)))
         keep_units = torch.ones(len(alive), dtype=torch.bool)
         keep_units[pick] = False
-        keep_cols = keep_units.repeat_interleave(group)
-        Hinv, Wc = Hinv[keep_cols][:, keep_cols].contiguous(), Wc[:, keep_cols].contiguous()
+        keep_cols = keep_units.repeat_interleave(group).nonzero().squeeze(1)
+        kept = len(keep_cols)
+        rows = torch.index_select(Hinv, 0, keep_cols, out=view(1, kept, m))  # the product is used up
+        Hinv = torch.gather(rows, 1, keep_cols.expand(kept, kept), out=view(0, kept, kept))  # (faster than
+        # index_select along columns)
+        Wc = Wc[:, keep_cols]
         removal.extend(int(alive[k]) for k in pick)
         alive = alive[keep_units]
         position = {int(u): k for k, u in enumerate(alive)}

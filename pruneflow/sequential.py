@@ -15,15 +15,20 @@ every earlier layer and so absorbs it.
   Gemma 3 normalises each sublayer's output before the residual add (the stream is not linear in W'): refused.
 
 Attention is refit first, then the FFN sees the corrected attention. Per layer this costs one dense pass, one
-pruned attention-only pass and one pruned pass; the layer's output comes from the FFN pass's captures. Each
+pruned attention-only pass and one pruned pass in which attention does not run again: it answers with the
+output projection's inputs kept from the attention pass, through the refit projection (`_attention_answers`; the
+same values it would compute). The layer's output comes from the FFN pass's captures. Each
 layer gets the call arguments the model gives it (post-LN: layer 0's, the same for every layer; pre-norm: each
 layer's own, captured once with use_cache=False: masks and rotary embeddings can differ per layer type).
-Memory: two copies of the calibration hidden states plus one layer's targets and kept FFN activations. With
-runtime.offload=cpu only the layer being refit sits on `device` (plus embeddings); the other layers stay on
-the CPU (pruneflow.blockwalk).
+Memory: two copies of the calibration hidden states plus one layer's targets, kept FFN activations and attention
+projection inputs. With runtime.offload=cpu only the layer being refit sits on `device` (plus embeddings); the
+other layers stay on the CPU (pruneflow.blockwalk).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -54,6 +59,23 @@ class _stop_before:
     def __exit__(self, *exc):
         if self.handle is not None:
             self.handle.remove()
+
+
+@contextmanager
+def _attention_answers(adapter: Adapter, i: int, x: torch.Tensor | None) -> Iterator[None]:
+    """Layer i's attention returns its result on this batch without computing it: `x`, the output projection's
+    input captured in the attention pass (same block input, same q/k/v: the same values), through the projection
+    as it is now (refit), where the family's attention module applies it. x None: attention runs as usual."""
+    if x is None:
+        yield
+        return
+    module, projected = adapter.attention_core(i)
+    out = adapter.out_proj(i, "attn")
+    module.forward = lambda *args, **kwargs: (out(x) if projected else x, None)
+    try:
+        yield
+    finally:
+        del module.forward  # back to the class's forward
 
 
 def _produce(adapter: Adapter, i: int, name: str, out, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -117,6 +139,7 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
     report = []
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
         target = trace.targets(i)
+        attn_inputs: list[torch.Tensor] = []  # per batch: the attention output projection's input
         with moved_to(pruned.layers()[i], device, offload) as layer:
             for name in SUBLAYERS:
                 out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
@@ -129,7 +152,8 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                 for b in range(len(streams)):
                     args, kwargs = trace.call(i, b)
                     mask = streams[b][3]
-                    with Capture(watch) as cap, _stop_before(stop_at):
+                    answer = attn_inputs[b] if name == "ffn" and attn_inputs else None
+                    with Capture(watch) as cap, _stop_before(stop_at), _attention_answers(pruned, i, answer):
                         try:
                             layer(h_pruned[b], *args, **kwargs)
                         except _Stop:
@@ -145,6 +169,8 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                     acc.add(x.flatten(0, -2)[mask], t.flatten(0, -2)[mask])
                     if name == "ffn":
                         kept.append((x, residual))
+                    elif out is not None:  # the FFN pass takes attention's result from here
+                        attn_inputs.append(x)
                 m = acc.moments()
                 if out is None:
                     W_K, b = m.cov_tx, None  # (d, 0): only the mean output remains

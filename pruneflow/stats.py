@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -47,7 +49,7 @@ class ModuleStats(Accumulator):
 
 @dataclass
 class Statistics:
-    modules: dict[str, ModuleStats] = field(default_factory=dict)
+    modules: dict[str, ModuleStats] | Mapping[str, ModuleStats] = field(default_factory=dict)  # loaded: ShardedModules
     tokens: int = 0
     sequences: int = 0
     mean_length: float = 0.0
@@ -79,18 +81,45 @@ class Statistics:
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], info: dict) -> "Statistics":
-        modules = {}
-        for key in t:
-            if not key.endswith(".meta"):
-                continue
-            name = key[: -len(".meta")]
-            n, energy, ntok = t[key].tolist()
-            s = ModuleStats()
-            acc = Accumulator.from_state(int(n), {k: t[f"{name}.{k}"] for k in ("shift", "sum", "gram")})
-            s.n, s.shift_x, s.sx, s.sxx = acc.n, acc.shift_x, acc.sx, acc.sxx
-            s.votes, s.norm_energy, s.norm_tokens = t.get(f"{name}.votes"), energy, int(ntok)
-            modules[name] = s
+        modules = {key[: -len(".meta")]: _module_from(key[: -len(".meta")], t.get) for key in t if key.endswith(".meta")}
         return cls(modules, info["tokens"], info["sequences"], info["mean_length"])
+
+
+def _module_from(name: str, get: Callable[[str], torch.Tensor | None]) -> ModuleStats:
+    """One module's ModuleStats from its saved tensors (`get(key)`: the tensor, or None where absent)."""
+    n, energy, ntok = get(f"{name}.meta").tolist()
+    s = ModuleStats()
+    acc = Accumulator.from_state(int(n), {k: get(f"{name}.{k}") for k in ("shift", "sum", "gram")})
+    s.n, s.shift_x, s.sx, s.sxx = acc.n, acc.shift_x, acc.sx, acc.sxx
+    s.votes, s.norm_energy, s.norm_tokens = get(f"{name}.votes"), energy, int(ntok)
+    return s
+
+
+class ShardedModules(Mapping):
+    """The per-module statistics of a collect, read from its block shards when asked for, one module at a time
+    (nothing is cached): a stage working layer by layer holds that layer's Gram matrices, not every layer's
+    (SmolLM2's are 650 MB in all)."""
+
+    def __init__(self, shards: list[Path]):
+        from safetensors import safe_open
+
+        self.shard_of: dict[str, Path] = {}
+        for path in shards:
+            with safe_open(str(path), framework="pt") as f:  # reads the header only
+                self.shard_of |= {k[: -len(".meta")]: path for k in f.keys() if k.endswith(".meta")}
+
+    def __getitem__(self, name: str) -> ModuleStats:
+        from safetensors import safe_open
+
+        with safe_open(str(self.shard_of[name]), framework="pt") as f:
+            keys = set(f.keys())
+            return _module_from(name, lambda k: f.get_tensor(k) if k in keys else None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shard_of)
+
+    def __len__(self) -> int:
+        return len(self.shard_of)
 
 
 class ShardWriter:
@@ -122,21 +151,39 @@ class ShardWriter:
         write_json(self.directory / "stats.json", stats.info() | (extra_info or {}) | {"shards": self.shards})
 
 
-def load_statistics(directory) -> Statistics:
-    """The statistics of a collect: the block shards that its stats.json lists."""
-    from pruneflow.artifacts import load_tensors, read_json
+def statistics_info(directory) -> dict:
+    """What a collect's stats.json says (totals, collect params, shards) without loading the statistics."""
+    from pruneflow.artifacts import read_json
 
     if not (directory / "stats.json").exists():
         raise FileNotFoundError(f"{directory / 'stats.json'} not found: run the collect stage first")
     info = read_json(directory / "stats.json")
     if "shards" not in info:
         raise ValueError(f"{directory} was written by an older collect (one file, no shards): run collect again")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in info["shards"]:
-        if not (directory / name).exists():
-            raise FileNotFoundError(f"{directory / name} not found: run the collect stage again")
-        tensors |= load_tensors(directory / name)
-    return Statistics.from_tensors(tensors, info)
+    return info
+
+
+def statistics_info(directory: Path) -> dict:
+    """What a collect's stats.json says: totals, collect params, the shards."""
+    from pruneflow.artifacts import read_json
+
+    if not (directory / "stats.json").exists():
+        raise FileNotFoundError(f"{directory / 'stats.json'} not found: run the collect stage first")
+    info = read_json(directory / "stats.json")
+    if "shards" not in info:
+        raise ValueError(f"{directory} was written by an older collect (one file, no shards): run collect again")
+    return info
+
+
+def load_statistics(directory: Path) -> Statistics:
+    """The statistics of a collect: its stats.json and the block shards it lists, each module's tensors read
+    when that module is asked for (ShardedModules)."""
+    info = statistics_info(directory)
+    missing = [name for name in info["shards"] if not (directory / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{directory / missing[0]} not found: run the collect stage again")
+    modules = ShardedModules([directory / name for name in info["shards"]])
+    return Statistics(modules, info["tokens"], info["sequences"], info["mean_length"])
 
 
 class _Collector:

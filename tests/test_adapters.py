@@ -5,6 +5,7 @@ It proves, for each registered adapter family (bert, distilbert, llama, mistral,
   non-uniform kept sets per layer, a layer with zero heads and a layer with zero neurons, on padded inputs
   (Llama: all-ones mask; GQA kept sets with equal counts per kept KV group, whole groups dropping their k/v head);
 - masking units by hooks (`adapter.masked`) computes what slicing them computes;
+- `attention_core` is where attention is: standing in for it with its own result changes no output, bit for bit;
 - `save_pruned` / `load_pruned` round-trip exactly (same state_dict keys, shapes, values and logits);
 - the analytic multiply-add count (`adapter.macs`) equals fvcore's matmul count on sliced models;
 - `adapter.shape()` reports the kept counts; `unit_macs` is the MAC cost of one more head / neuron;
@@ -320,6 +321,29 @@ def test_masking_units_equals_slicing_them(family):
     adapter.slice_(kh, kn)
     for k, (a, m) in enumerate(zip(outputs(model, inp), masked)):
         torch.testing.assert_close(a, m, atol=1e-5, rtol=0, msg=lambda msg: f"output {k}: {msg}")
+
+
+# --- attention_core: the sequential correction's FFN pass takes attention's result instead of recomputing it ------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_answering_with_its_own_result_changes_no_output(family):
+    from pruneflow.sequential import _attention_answers
+
+    model = make(family)
+    adapter = get_adapter(model)
+    inp, i, seen = inputs_for(family), 1, {}
+    hook = adapter.attn_out(i).register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    dense = outputs(model, inp)
+    hook.remove()
+    calls = []
+    hook = adapter.attn_in(i)[0].register_forward_hook(lambda *a: calls.append(1))
+    with _attention_answers(adapter, i, seen["x"]):
+        answered = outputs(model, inp)
+    hook.remove()
+    assert not calls, "layer i's attention ran anyway"
+    for a, b in zip(dense, answered):  # bit for bit: the stand-in returns what attention computes
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert "forward" not in vars(adapter.attention_core(i)[0])  # the class's forward is back
 
 
 # --- plans: slices and weight masks, manifest round trip -------------------------------------------------------

@@ -3,9 +3,9 @@
 It proves: block-by-block statistics equal the whole-model hooks' bit for bit (same batches, same order), with
 the weights in memory, moved per block (offload=cpu) or read per block from the safetensors checkpoint
 (offload=disk); with offload=disk at most one block holds real weights at any time and none after the walk;
-block shards written by ShardWriter load back to the same statistics; the sequential correction's dense trace
-gives the same corrected weights from disk; a checkpoint without safetensors, or an empty calibration set,
-fails with a message that says what to change.
+block shards written by ShardWriter load back to the same statistics, read module by module when asked for
+(not kept); the sequential correction's dense trace gives the same corrected weights from disk; a checkpoint
+without safetensors, or an empty calibration set, fails with a message that says what to change.
 """
 
 from __future__ import annotations
@@ -73,7 +73,14 @@ def test_shards_load_back_to_the_same_statistics(tmp_path):
     assert sorted(p.name for p in (tmp_path / "stats").glob("block-*.safetensors")) == [
         "block-000.safetensors", "block-001.safetensors", "block-002.safetensors"]
     assert not stats.modules  # handed to the writer, not kept
-    assert_identical(load_statistics(tmp_path / "stats"), collect_statistics(model, adapter, batches))
+    loaded = load_statistics(tmp_path / "stats")
+    assert_identical(loaded, collect_statistics(model, adapter, batches))
+    # read from the shards module by module, when asked, and not kept: two reads are two copies
+    name = next(iter(loaded.modules))
+    first, again = loaded.modules[name], loaded.modules[name]
+    assert torch.equal(first.sxx, again.sxx) and first.sxx.data_ptr() != again.sxx.data_ptr()
+    with pytest.raises(ValueError, match="no calibration statistics"):
+        loaded.of("model.no_such_module")
 
 
 def test_a_collect_cut_short_leaves_nothing_to_load(tmp_path):

@@ -44,6 +44,14 @@ def test_dvc_pipeline_end_to_end_then_up_to_date(tiny_project):
     quality = json.loads((m / "quality.json").read_text())
     assert quality["flops_pruned"] <= 0.6 * quality["flops_dense"]
     assert 0 <= quality["agreement"] <= 1 and quality["methods"]["rank"] == "obs"
+    # pruning time: the four stages' work (loading apart), against the plain forward passes collect timed
+    stage = {k: json.loads((m / f"{k}.json").read_text()) for k in ("collect", "rank", "select", "correct")}
+    assert quality["prune_seconds"] == pytest.approx(sum(s["seconds"] for s in stage.values()), abs=0.02)
+    assert quality["load_seconds"] == pytest.approx(sum(s["load_seconds"] for s in stage.values()), abs=0.02)
+    assert all(s["load_seconds"] >= 0 for s in stage.values())
+    if quality["forward_seconds"]:  # a tiny model's forward can round to 0.00 s
+        assert quality["prune_over_forward"] == pytest.approx(quality["prune_seconds"] / quality["forward_seconds"],
+                                                              rel=0.01)
     latency = json.loads((m / "latency.json").read_text())
     assert latency["provider"] in ("cpu", "cuda") and latency["ort_ms_pruned"] > 0
     assert json.loads((m / "finetune.json").read_text())["n_eval"] == 40

@@ -3,7 +3,8 @@
 It proves: `elimination_path` records, after every chunk, exactly the least-squares residual
 tr(W (C − C[:,K] C[K,K]⁻¹ C[K,:]) Wᵀ) of the remaining set K (single columns and head blocks, greedy and with a
 forced order, chunk 1 and larger); the greedy path removes the cheapest unit first (and at every step);
-its order is a permutation of all units; a unit that is a linear combination of others costs ~0 and goes first;
+its order is a permutation of all units; the buffered path (no N×N allocation per step) equals a plain
+reference implementation bit for bit; a unit that is a linear combination of others costs ~0 and goes first;
 `order_from_scores` is deterministic with ties broken by index; the simple scores have one entry per unit.
 """
 
@@ -47,6 +48,46 @@ def columns(units: list[int], group: int) -> list[int]:
 def remaining_after(path, p: int, n_units: int) -> list[int]:
     gone = set(path.order[: path.removed[p]])
     return [u for u in range(n_units) if u not in gone]
+
+
+def reference_path(C: torch.Tensor, W: torch.Tensor, group: int, order, chunk: int, ridge: float):
+    """The elimination path written plainly (fresh matrices every step): the buffered one must equal it bit
+    for bit."""
+    from pruneflow.adapters import head_columns
+    from pruneflow.scoring import _unit_costs
+
+    C, W = C.double(), W.double()
+    Hinv = torch.linalg.inv(C + ridge * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=torch.float64))
+    Wc, alive, removal, errors, total = W.clone(), list(range(C.shape[0] // group)), [], [0.0], 0.0
+    while alive:
+        step = min(chunk, len(alive))
+        if order is not None:
+            pick = torch.tensor([alive.index(u) for u in order[len(removal) : len(removal) + step]])
+        else:
+            pick = torch.topk(-_unit_costs(Hinv, Wc, group), step).indices
+        Q = head_columns(pick, group)
+        HQQ_inv = torch.linalg.inv(Hinv[Q][:, Q])
+        WQ = Wc[:, Q]
+        total += float(torch.einsum("dq,qr,dr->", WQ, HQQ_inv, WQ))
+        rowsQ = HQQ_inv @ Hinv[Q, :]
+        Wc, Hinv = Wc - WQ @ rowsQ, Hinv - Hinv[:, Q] @ rowsQ
+        keep = torch.ones(len(alive), dtype=torch.bool)
+        keep[pick] = False
+        cols = keep.repeat_interleave(group)
+        Hinv, Wc = Hinv[cols][:, cols], Wc[:, cols]
+        removal += [alive[k] for k in pick]
+        alive = [u for u, k in zip(alive, keep) if k]
+        errors.append(total)
+    return removal, errors
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["greedy", "forced"])
+@pytest.mark.parametrize("group,units,chunk", [(1, 40, 3), (8, 6, 1)], ids=["neurons", "heads"])
+def test_buffered_path_equals_the_plain_one_bit_for_bit(group, units, chunk, forced):
+    C, W = well_conditioned(units * group, d=7, seed=3)
+    order = torch.randperm(units, generator=gen(5)).tolist() if forced else None
+    path = elimination_path(C, W, group=group, order=order, chunk=chunk, ridge=1e-3)
+    assert (path.order, path.error) == reference_path(C, W, group, order, chunk, 1e-3)
 
 
 # --- (a) recorded errors are the exact residuals -------------------------------------------------------

@@ -151,6 +151,13 @@ class Adapter(BlockAdapter):
         """Layer i's attention output projection (columns = heads)."""
 
     @abstractmethod
+    def attention_core(self, i: int) -> tuple[nn.Module, bool]:
+        """Layer i's module that computes attention from the block's input and returns (output, weights), and
+        whether that output has passed the output projection already (decoders, DistilBERT: it lives inside) or is
+        what the projection reads (BERT: attention.self gives the context). The sequential correction answers for
+        it with a result it already has, instead of recomputing attention (pruneflow/sequential.py)."""
+
+    @abstractmethod
     def ffn_in(self, i: int) -> list[nn.Linear]:
         """Layer i's FFN input projections, in `ffn_in_names` order (rows = neurons)."""
 

@@ -24,6 +24,7 @@ class BertAdapter(Adapter):
         return [s.query, s.key, s.value]
 
     def attn_out(self, i): return self.layers()[i].attention.output.dense
+    def attention_core(self, i): return self.layers()[i].attention.self, False  # output.dense comes after it
     def ffn_in(self, i): return [self.layers()[i].intermediate.dense]
     def ffn_out(self, i): return self.layers()[i].output.dense
 

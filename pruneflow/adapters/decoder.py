@@ -22,6 +22,8 @@ class DecoderAdapter(Adapter):
 
     def attn_out(self, i): return self.layers()[i].self_attn.o_proj
 
+    def attention_core(self, i): return self.layers()[i].self_attn, True
+
     def ffn_in(self, i):
         m = self.layers()[i].mlp
         return [m.gate_proj, m.up_proj]

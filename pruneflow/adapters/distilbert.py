@@ -21,6 +21,7 @@ class DistilBertAdapter(Adapter):
         return [a.q_lin, a.k_lin, a.v_lin]
 
     def attn_out(self, i): return self.layers()[i].attention.out_lin
+    def attention_core(self, i): return self.layers()[i].attention, True
     def ffn_in(self, i): return [self.layers()[i].ffn.lin1]
     def ffn_out(self, i): return self.layers()[i].ffn.lin2
 

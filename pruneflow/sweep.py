@@ -87,6 +87,12 @@ def _context(params_json: str, layout: Layout) -> _Context:
     return _Context(Params.model_validate_json(params_json), layout)
 
 
+def release_contexts() -> None:
+    """Drop the loaded contexts (model, statistics, dense traces with every layer's targets): a caller moving on to
+    other data (calib_size, size after size) then holds one at a time."""
+    _context.cache_clear()
+
+
 def run_point(params: Params, layout: Layout, method: str, budget: float) -> dict:
     """Prune at one (method spec, budget) in memory and evaluate; returns one table row."""
     ctx = _context(params.model_dump_json(), layout)

@@ -28,7 +28,7 @@ from pruneflow.blockwalk import BlockWalk, Residency
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, load_tokenizer, setup_torch, stage_main
 from pruneflow.stats import write_statistics
-from pruneflow.sweep import ITEMS, cell_text, paired_tests, run_point
+from pruneflow.sweep import ITEMS, cell_text, paired_tests, release_contexts, run_point
 from pruneflow.tasks import get_task
 
 log = logging.getLogger("pruneflow.calib_size")
@@ -64,6 +64,7 @@ def run(params: Params, layout: Layout) -> dict:
                 log.warning("only %d calibration sentences, not %d: prepare.calib_size caps them", used, n)
             points = [run_point(p, scratch, m, b) | {"calib_size": n, "calib_sentences": used}
                       for b in params.sweep.calib_budgets for m in (default, baseline)]
+            release_contexts()  # this size's model and dense trace, before the next size loads its own
             paired_tests(points, baseline, params.sweep.alpha, task)
             rows += points
             for r in points:

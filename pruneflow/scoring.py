@@ -73,9 +73,10 @@ def elimination_path(C: torch.Tensor, W: torch.Tensor, group: int = 1, order: li
         keep_units[pick] = False
         keep_cols = keep_units.repeat_interleave(group).nonzero().squeeze(1)
         kept = len(keep_cols)
-        rows = torch.index_select(Hinv, 0, keep_cols, out=view(1, kept, m))  # the product is used up
-        Hinv = torch.gather(rows, 1, keep_cols.expand(kept, kept), out=view(0, kept, kept))  # (faster than
-        # index_select along columns)
+        # rows into the second buffer (its product is used up), then columns back into the first; gather, as
+        # index_select along columns is several times slower
+        rows = torch.index_select(Hinv, 0, keep_cols, out=view(1, kept, m))
+        Hinv = torch.gather(rows, 1, keep_cols.expand(kept, kept), out=view(0, kept, kept))
         Wc = Wc[:, keep_cols]
         removal.extend(int(alive[k]) for k in pick)
         alive = alive[keep_units]

@@ -17,9 +17,9 @@ every earlier layer and so absorbs it.
 Attention is refit first, then the FFN sees the corrected attention. Per layer this costs one dense pass, one
 pruned attention-only pass and one pruned pass in which attention does not run again: it answers with the
 output projection's inputs kept from the attention pass, through the refit projection (`_attention_answers`; the
-same values it would compute). The layer's output comes from the FFN pass's captures. Each
-layer gets the call arguments the model gives it (post-LN: layer 0's, the same for every layer; pre-norm: each
-layer's own, captured once with use_cache=False: masks and rotary embeddings can differ per layer type).
+same values it would compute). The layer's output comes from the FFN pass's captures. Each layer gets the call
+arguments the model gives it (post-LN: layer 0's, the same for every layer; pre-norm: each layer's own, captured
+once with use_cache=False: masks and rotary embeddings can differ per layer type).
 Memory: two copies of the calibration hidden states plus one layer's targets, kept FFN activations and attention
 projection inputs. With runtime.offload=cpu only the layer being refit sits on `device` (plus embeddings); the
 other layers stay on the CPU (pruneflow.blockwalk).

@@ -76,13 +76,13 @@ class Accumulator:
         c = x - self.shift_x.float()
         self.n += x.shape[0]
         self.sx += c.sum(0).double()
-        self.sxx += (c.T @ c).double()
+        self.sxx += c.T @ c  # float32 product, added in float64 (promoted in place: no float64 temporary)
         if self.st is not None:
             if t is None:
                 raise ValueError("this accumulator has targets: every batch needs them")
             ct = t.float() - self.shift_t.float()
             self.st += ct.sum(0).double()
-            self.stx += (ct.T @ c).double()
+            self.stx += ct.T @ c
             self.stt += float((ct.double() ** 2).sum())
 
     @property

@@ -193,14 +193,20 @@ class _Collector:
                  layers: Iterable[int] | None = None):
         self.adapter = adapter
         self.layers = range(adapter.num_layers) if layers is None else list(layers)
-        self.mask: torch.Tensor | None = None  # (B*T,) bool, True for real tokens
+        self.real: torch.Tensor | None = None  # the current batch's real (non-padding) token rows; None: all are
         self.stats = Statistics()
         self.vote_topk = vote_topk
         self.extra_linears = list(extra_linears)
         self.handles: list = []
 
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """The next batch's token mask ((B*T,) bool, True for real tokens), as row indices gathered once per batch
+        rather than a boolean mask every hook resolves again; no padding (LM windows): no gather at all."""
+        self.real = None if bool(mask.all()) else mask.nonzero().squeeze(1)
+
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1])[self.mask]
+        rows = x.reshape(-1, x.shape[-1])
+        return rows if self.real is None else rows.index_select(0, self.real)
 
     def attach(self) -> None:
         ad = self.adapter
@@ -286,7 +292,7 @@ def collect_statistics(model, adapter: Adapter, batches, vote_topk: float | None
     try:
         lengths = []
         for enc in batches:
-            col.mask = enc["attention_mask"].reshape(-1).bool()
+            col.set_mask(enc["attention_mask"].reshape(-1).bool())
             lengths.extend(enc["attention_mask"].sum(1).tolist())
             model(**enc)
             if progress is not None:
@@ -323,7 +329,7 @@ def collect_blockwise(walk, vote_topk: float | None = 0.1, progress=None, sink=N
         masks = walk.masks
 
         def before(b, col=col):
-            col.mask = masks[b]
+            col.set_mask(masks[b])
 
         try:
             walk.step(i, before_batch=before, on_layer=lambda layer, col=col: col.attach())

@@ -37,6 +37,7 @@ from pruneflow import correction
 from pruneflow.adapters import SUBLAYERS, Adapter, get_adapter
 from pruneflow.blockwalk import BlockWalk, Capture, Offload, Residency, _Stop, moved_to
 from pruneflow.moments import Accumulator
+from pruneflow.runtime import trim_freed_memory
 
 
 def _after_layer(i: int, hidden: list[torch.Tensor]) -> None:
@@ -137,6 +138,7 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
     streams = trace.streams
     h_pruned = [s[0].clone() for s in streams]
     report = []
+    trim_freed_memory()  # what slicing freed (the dense weights of removed units)
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
         target = trace.targets(i)
         attn_inputs: list[torch.Tensor] = []  # per batch: the attention output projection's input
@@ -186,4 +188,5 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                 # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
                 h_pruned[b] = pruned.norm(i, "ffn")(h) if post else h
         _after_layer(i, h_pruned)
+        trim_freed_memory()  # this layer's targets and kept activations, before the next layer's
     return report

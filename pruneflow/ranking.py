@@ -55,6 +55,9 @@ def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: boo
         plan = methods["ffn"].plan(ctx)
     layers = []
     for i in tqdm(range(adapter.num_layers), desc=f"rank ({p.method})", disable=not progress):
+        # what the last layer's N×N temporaries (or a global plan's sub-models) freed goes back to the OS, so this
+        # layer's do not come on top of it
+        trim_freed_memory()
         entry = {}
         for name in SUBLAYERS:
             st = ctx.sublayer_stats(i, name)
@@ -72,7 +75,6 @@ def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: boo
             entry[name] = {"units": units, "order": path.order, "removed": path.removed,
                            "error": [e / scale for e in path.error], "scale": scale}
         layers.append(entry)
-        trim_freed_memory()  # this layer's N×N temporaries, so the next layer's do not come on top of them
     out = {"method": p.method, "head_method": head_method_name(p), "layers": layers}
     if plan is not None:
         out |= {"keep_heads": plan["keep_heads"], "keep_neurons": plan["keep_neurons"], "rounds": plan["rounds"],

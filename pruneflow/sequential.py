@@ -138,8 +138,8 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
     streams = trace.streams
     h_pruned = [s[0].clone() for s in streams]
     report = []
-    trim_freed_memory()  # what slicing freed (the dense weights of removed units)
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
+        trim_freed_memory()  # what slicing freed, then each finished layer's targets and kept activations
         target = trace.targets(i)
         attn_inputs: list[torch.Tensor] = []  # per batch: the attention output projection's input
         with moved_to(pruned.layers()[i], device, offload) as layer:
@@ -188,5 +188,4 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                 # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
                 h_pruned[b] = pruned.norm(i, "ffn")(h) if post else h
         _after_layer(i, h_pruned)
-        trim_freed_memory()  # this layer's targets and kept activations, before the next layer's
     return report

@@ -151,18 +151,6 @@ class ShardWriter:
         write_json(self.directory / "stats.json", stats.info() | (extra_info or {}) | {"shards": self.shards})
 
 
-def statistics_info(directory) -> dict:
-    """What a collect's stats.json says (totals, collect params, shards) without loading the statistics."""
-    from pruneflow.artifacts import read_json
-
-    if not (directory / "stats.json").exists():
-        raise FileNotFoundError(f"{directory / 'stats.json'} not found: run the collect stage first")
-    info = read_json(directory / "stats.json")
-    if "shards" not in info:
-        raise ValueError(f"{directory} was written by an older collect (one file, no shards): run collect again")
-    return info
-
-
 def statistics_info(directory: Path) -> dict:
     """What a collect's stats.json says: totals, collect params, the shards."""
     from pruneflow.artifacts import read_json

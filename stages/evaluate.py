@@ -34,17 +34,17 @@ def run(params: Params, layout: Layout) -> dict:
     q, _ = task.compare(reference, task.load_model(layout.pruned).to(device), p, device)
     m = {k: read_json(layout.metrics / f"{k}.json") for k in PRUNE_STAGES}
     manifest = read_json(layout.pruned / "manifest.json")
+    # the work of the four stages, as forward_seconds is the forward passes of a loaded model; what each stage
+    # spent loading its inputs (its own process imports the model code again) is load_seconds
+    work, forward = sum(m[k]["seconds"] for k in PRUNE_STAGES), m["collect"].get("forward_seconds")
     out = {
         "budget": m["select"]["budget"], "cost": m["select"].get("cost", "flops"),
         "cost_ratio": m["select"].get("cost_ratio"), "flops_dense": m["select"]["flops_dense"],
         "flops_pruned": m["select"]["flops_pruned"], "flops_ratio": m["select"]["flops_ratio"],
         "flops_seq_len": m["select"]["seq_len"], **q,
-        # the work of the four stages, as forward_seconds is the forward passes of a loaded model; what each
-        # stage spent loading its inputs (its own process imports the model code again) is load_seconds
-        "prune_seconds": round(sum(m[k]["seconds"] for k in PRUNE_STAGES), 2),
-        "forward_seconds": m["collect"].get("forward_seconds"),
-        "prune_over_forward": (round(sum(m[k]["seconds"] for k in PRUNE_STAGES) / m["collect"]["forward_seconds"], 2)
-                               if m["collect"].get("forward_seconds") else None),
+        "prune_seconds": round(work, 2),
+        "forward_seconds": forward,
+        "prune_over_forward": round(work / forward, 2) if forward else None,
         "load_seconds": round(sum(m[k].get("load_seconds", 0.0) for k in PRUNE_STAGES), 2),
         "calibration_sentences": m["collect"]["sequences"],
         "methods": {"rank": m["rank"]["method"], "heads": m["rank"].get("head_method"),

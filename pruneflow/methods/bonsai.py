@@ -22,7 +22,6 @@ from pydantic import Field
 from pruneflow.adapters import get_adapter
 from pruneflow.adapters.base import head_columns
 from pruneflow.methods.base import Method, register
-from pruneflow.runtime import trim_freed_memory
 
 
 @register
@@ -73,8 +72,5 @@ class Bonsai(Method):
                 prior = unit_prior(final.out_proj(i, name).weight, found["final_rms"][(i, name)], group)
                 survivors = [survivors[k] for k in np.argsort(prior.numpy(), kind="stable")]
             orders[(i, name)] = head_columns(u.removed + survivors, u.heads_per_unit).tolist()
-        plan = {"order": orders, "keep_heads": found["keep_heads"], "keep_neurons": found["keep_neurons"],
+        return {"order": orders, "keep_heads": found["keep_heads"], "keep_neurons": found["keep_neurons"],
                 "rounds": found["rounds"]}
-        del found, final
-        trim_freed_memory()  # the rounds' freed sub-models, before the error curves load the statistics
-        return plan

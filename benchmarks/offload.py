@@ -1,6 +1,7 @@
 """Peak memory and time of the collect and correct stages per `runtime.offload` (none | cpu | disk), each stage in
 a fresh process, on the LM pipeline's model, calibration windows and selection; beside them the dense model's
-plain inference peak (load + one forward over one calibration batch) and its fp32 weight bytes.
+plain inference peak (load + one forward over one calibration batch), its fp32 weight bytes, and the peak of a
+process that has imported a stage and built the model with no weights (the floor every stage stands on).
 
     .venv/bin/python -m benchmarks.offload [--modes none disk] [--device cpu]
     python3 -m benchmarks.offload --random .gpu --device cuda --modes none cpu disk   (a lent GPU machine)
@@ -38,6 +39,18 @@ model = get_task("causal_lm").load_model(root / "data/dense").to(device)
 ids = torch.as_tensor(read_windows(root / "data/prepared", "calib")[:4], device=device)
 with torch.inference_mode():
     model(input_ids=ids)
+print(json.dumps(peak_memory()))
+"""
+
+# The floor every stage process stands on: Python, torch, transformers and the model's code imported, the model
+# built on the meta device (no weights, no data). What a stage needs for its work is its peak above this.
+RUNTIME = """
+import json, sys
+from pathlib import Path
+import stages.collect, stages.correct
+from pruneflow.runtime import peak_memory
+from pruneflow.tasks import get_task
+get_task("causal_lm").load_lazy(Path(sys.argv[1]) / "data/dense")
 print(json.dumps(peak_memory()))
 """
 
@@ -118,6 +131,7 @@ def main() -> None:
         (tmp / "inference/data/prepared").symlink_to(roots[args.modes[0]] / "data/prepared")
         inference = json.loads(run([sys.executable, "-c", INFERENCE, str(tmp / "inference"), args.device], env)
                                .strip().splitlines()[-1])
+        runtime = json.loads(run([sys.executable, "-c", RUNTIME, str(tmp / "inference")], env).strip().splitlines()[-1])
         first = args.modes[0]
         agreement = {m: compare(roots[m], roots[first]) for m in args.modes[1:]}
     from transformers import AutoConfig
@@ -128,11 +142,13 @@ def main() -> None:
     # one copy of the calibration hidden states: windows x tokens x hidden x 4 bytes
     hidden_mb = read_windows(prepared, "calib").numel() * cfg.hidden_size * 4 / 2**20
     result = {"device": args.device, "random_weights": bool(args.random), "dense_weights_mb": round(weights_mb, 1),
-              "hidden_states_mb": round(hidden_mb, 1), "inference": inference, "runs": rows,
+              "hidden_states_mb": round(hidden_mb, 1), "inference": inference,
+              "runtime_peak_rss_mb": runtime["peak_rss_mb"], "runs": rows,
               "agreement_with_" + first: agreement}
     print(f"\ndense fp32 weights {weights_mb:.0f} MiB, one copy of the calibration hidden states {hidden_mb:.0f} MiB, "
           f"dense inference peak RSS {inference['peak_rss_mb']:.0f} MiB"
-          + (f", GPU {inference['peak_cuda_mb']:.0f} MiB" if "peak_cuda_mb" in inference else ""))
+          + (f", GPU {inference['peak_cuda_mb']:.0f} MiB" if "peak_cuda_mb" in inference else "")
+          + f"; a stage process with no weights or data: {runtime['peak_rss_mb']:.0f} MiB")
     print(f"{'offload':8} {'collect s':>10} {'peak RSS':>9} {'GPU MiB':>8} {'correct s':>10} {'peak RSS':>9} {'GPU MiB':>8}")
     for r in rows:
         print(f"{r['offload']:8} {r['collect_seconds']:10.1f} {r['collect_peak_rss_mb']:9.0f} "

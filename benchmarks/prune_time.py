@@ -8,7 +8,9 @@ Each run is the pipeline's own stages, collect, rank, select and correct, each i
 runs them, in a scratch project linked to <data>/dense and <data>/prepared (nothing under data/ changes). Per
 run: each stage's work `seconds` and `load_seconds`, collect's plain-forward seconds (timed in the same process,
 before its walk), and prune seconds / forward seconds, the figure `metrics/quality.json` reports as
-`prune_over_forward` (issue targets: at most 3). Writes <metrics>/prune_time.json and prints a table.
+`prune_over_forward` (issue targets: at most 3), and which of its outputs (statistics, ranking, selection, pruned
+weights) are not byte-identical to the pipeline's own under <data>/ (a speed-up must not move a result; with
+other params than the pipeline's they differ by design). Writes <metrics>/prune_time.json and prints a table.
 """
 
 from __future__ import annotations
@@ -44,7 +46,29 @@ def one_run(params: str, data: Path, scratch: Path, rel: str) -> dict:
     work = sum(m[s]["seconds"] for s in STAGES)
     forward = m["collect"]["forward_seconds"]
     return {"seconds": {s: m[s]["seconds"] for s in STAGES}, "load_seconds": {s: m[s]["load_seconds"] for s in STAGES},
-            "prune_seconds": round(work, 2), "forward_seconds": forward, "prune_over_forward": round(work / forward, 3)}
+            "prune_seconds": round(work, 2), "forward_seconds": forward, "prune_over_forward": round(work / forward, 3),
+            "differs_from_pipeline": differing(scratch / rel, data)}
+
+
+# what each stage writes that a timing change must leave as it was
+OUTPUTS = ("stats/*.safetensors", "rank/ranking.json", "select/selection.json", "pruned/model.safetensors")
+
+
+def differing(run: Path, data: Path) -> list[str] | None:
+    """The outputs of this run that are not byte-identical to the pipeline's own (<data>/...), or None where the
+    pipeline has not produced them (or its params differ: then they are not comparable anyway)."""
+    names = sorted(str(f.relative_to(run)) for pattern in OUTPUTS for f in run.glob(pattern))
+    if not all((data / n).exists() for n in names):
+        return None
+    return [n for n in names if not _same(run / n, data / n)]
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Byte-identical; a json file up to its timings (selection.json records the stage's seconds)."""
+    if a.suffix != ".json":
+        return a.read_bytes() == b.read_bytes()
+    strip = lambda d: {k: v for k, v in d.items() if not k.endswith("seconds")}  # noqa: E731
+    return strip(json.loads(a.read_text())) == strip(json.loads(b.read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             x = runs[-1]
             print(f"run {r + 1}: " + ", ".join(f"{s} {x['seconds'][s]:.1f} s" for s in STAGES)
                   + f" = {x['prune_seconds']:.1f} s; forward {x['forward_seconds']:.1f} s; "
-                  f"ratio {x['prune_over_forward']:.2f}", flush=True)
+                  f"ratio {x['prune_over_forward']:.2f}; outputs differing from {args.data}/: "
+                  f"{x['differs_from_pipeline']}", flush=True)
     ratios = [x["prune_over_forward"] for x in runs]
     out = {"params": args.params, "runs": runs, "median_prune_over_forward": round(statistics.median(ratios), 3),
            "min": min(ratios), "max": max(ratios)}

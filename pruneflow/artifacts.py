@@ -97,3 +97,43 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors_streamed(path: str | Path, entries: dict[str, tuple[Any, tuple[int, ...], Any]],
+                               metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written one tensor at a time, atomically: entries maps each name to (torch dtype,
+    shape, load), and load() returns that tensor when its turn comes. The safetensors library serializes from a
+    dict of tensors all in memory; this writes the same layout (8-byte header length, compact JSON header with
+    __metadata__ first, padded with spaces to 8 bytes, then the data ordered by dtype width, then name), so a
+    model whose weights are on disk is saved with one tensor resident at a time. Byte-identical to
+    safetensors.torch.save_file for float tensors (tests/test_streamed_correction.py)."""
+    import struct
+
+    import torch
+
+    def width(dtype) -> int:
+        return torch.empty((), dtype=dtype).element_size()
+
+    order = sorted(entries, key=lambda name: (-width(entries[name][0]), name))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for name in order:
+        dtype, shape, _ = entries[name]
+        size = width(dtype) * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with atomic_path(path, ".safetensors") as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in order:
+            dtype, shape, load = entries[name]
+            t = load().detach().to("cpu", dtype).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: loaded shape {tuple(t.shape)}, declared {tuple(shape)}")
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))

@@ -30,6 +30,18 @@ class _Stop(Exception):
     pass
 
 
+def token_rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """The row indices of the real tokens in a (B*T,) bool mask, to gather once per batch instead of resolving a
+    boolean mask at every use; None when every token is real (LM windows), so nothing is gathered or copied."""
+    return None if bool(mask.all()) else mask.nonzero().squeeze(1)
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x (..., d) as (tokens, d), only the real tokens' rows (token_rows)."""
+    flat = x.flatten(0, -2)
+    return flat if rows is None else flat.index_select(0, rows)
+
+
 def layer_inputs(model, adapter: Adapter, batches) -> list[tuple[torch.Tensor, tuple, dict, torch.Tensor]]:
     """(hidden, other args, kwargs, token mask) entering layer 0, per batch (post-LN encoders: every layer gets
     layer 0's arguments)."""
@@ -109,8 +121,13 @@ def lazy_model(auto_class, path: str | Path, attn: str = "sdpa", dtype: torch.dt
     config = AutoConfig.from_pretrained(str(path))
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config, attn_implementation=attn, dtype=dtype)
+    model.tie_weights()  # tied weights (an LM head and its embeddings) are one Parameter, as from_pretrained makes
     model.eval()
     model.checkpoint_dir = path  # where DiskWeights reads from
+    if model.can_generate() and (path / "generation_config.json").exists():  # as from_pretrained would
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model
 
 
@@ -132,6 +149,7 @@ class DiskWeights:
                 raise FileNotFoundError(f"{file} not found (runtime.offload=disk needs a safetensors checkpoint)")
             with safe_open(str(file), "pt") as f:
                 self.where = {k: file for k in f.keys()}
+        self.checkpoint_keys = frozenset(self.where)  # the checkpoint's own names (spills add more to `where`)
 
     def load(self, model: nn.Module, module: nn.Module, device: str | torch.device, recurse: bool = True,
              strict: bool = True) -> None:
@@ -157,6 +175,46 @@ class DiskWeights:
                 for key, owner, leaf, dtype in items:
                     t = f.get_tensor(key).to(device=device, dtype=dtype)
                     owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+
+    def spill(self, model: nn.Module, module: nn.Module, path: str | Path) -> None:
+        """Write `module`'s parameters (real: a finished layer) to the safetensors file `path`, read them from
+        there from now on, and drop them: how a model built one layer at a time keeps one layer in memory."""
+        from pruneflow.artifacts import save_tensors
+
+        prefix = _prefix(model, module)
+        tensors = {f"{prefix}{name}": p.detach().cpu() for name, p in module.named_parameters()}
+        save_tensors(path, tensors)
+        self.where |= dict.fromkeys(tensors, Path(path))
+        DiskWeights.drop(module)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[key]), "pt", device="cpu") as f:
+            return f.get_tensor(key)
+
+    def state_entries(self, model: nn.Module, keep_name) -> tuple[dict[str, tuple], dict[str, str]]:
+        """`model`'s state dict for artifacts.write_safetensors_streamed: each tensor's (dtype, shape, load), real
+        ones from the model, meta ones read from the checkpoint (or a spill) when written. Tied tensors (one
+        Parameter under several names) are written once, under keep_name(names); also returns {dropped: kept}."""
+        groups: dict[int, list[str]] = {}
+        tensors = model.state_dict(keep_vars=True)
+        for name, t in tensors.items():
+            groups.setdefault(id(t), []).append(name)
+        entries, tied = {}, {}
+        for names in groups.values():
+            kept = keep_name(names)
+            tied |= {n: kept for n in names if n != kept}
+            t = tensors[kept]
+            if t.is_meta:
+                source = next((n for n in [kept, *names] if n in self.where), None)
+                if source is None:
+                    raise KeyError(f"{kept}: not in memory, nor in the checkpoint or a spilled layer")
+                load = lambda source=source: self.tensor(source)  # noqa: E731
+            else:
+                load = lambda t=t: t  # noqa: E731
+            entries[kept] = (t.dtype, tuple(t.shape), load)
+        return entries, tied
 
     @staticmethod
     def drop(module: nn.Module, recurse: bool = True) -> None:

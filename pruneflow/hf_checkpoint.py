@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from pruneflow.adapters import get_adapter
-from pruneflow.artifacts import atomic_path
+from pruneflow.artifacts import atomic_path, write_safetensors_streamed
 
 
 def plain_config(model: nn.Module):
@@ -44,13 +44,25 @@ def plain_config(model: nn.Module):
 
 def save_plain_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """save_pretrained with the pruned shape's config (atomically); raises ValueError when the shape is not
-    uniform (see plain_config)."""
+    uniform (see plain_config). A model whose weights are on disk (`disk_weights`, the streamed correction) is
+    written the way save_pretrained writes it, one tensor in memory at a time."""
     config = plain_config(model)
+    disk = getattr(model, "disk_weights", None)
     original = model.config
     model.config = config
     try:
         with atomic_path(out_dir) as tmp:
-            model.save_pretrained(str(tmp))
+            if disk is None:
+                model.save_pretrained(str(tmp))
+            else:
+                tmp.mkdir(parents=True)
+                config.save_pretrained(str(tmp))
+                if model.can_generate() and model.generation_config is not None:
+                    model.generation_config.save_pretrained(str(tmp))
+                # tied tensors under the name the dense checkpoint uses (save_pretrained's choice too)
+                entries, _ = disk.state_entries(model, keep_name=lambda names: next(
+                    (n for n in names if n in disk.checkpoint_keys), sorted(names)[0]))
+                write_safetensors_streamed(Path(tmp) / "model.safetensors", entries, {"format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
     finally:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pruneflow.adapters import get_adapter
-from pruneflow.artifacts import atomic_path
+from pruneflow.artifacts import atomic_path, write_safetensors_streamed
 
 FORMAT = "pruneflow/plan-2"
 READABLE = (FORMAT, "pruneflow/1")
@@ -110,13 +110,20 @@ def unpack_masks(packed: dict[str, torch.Tensor], metadata: dict[str, str]) -> d
 
 
 def save_pruned(model: nn.Module, out_dir: str | Path, plan: Plan, info: dict | None = None, tokenizer=None) -> None:
-    """Write a pruned model as safetensors + its dense config + the plan's manifest (atomically, as a directory)."""
+    """Write a pruned model as safetensors + its dense config + the plan's manifest (atomically, as a directory).
+    A model whose parameters are on the meta device has `disk_weights` (blockwalk.DiskWeights: the checkpoint and
+    the spilled layers) they are read from."""
     from safetensors.torch import save_file, save_model
 
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         model.config.save_pretrained(str(tmp))  # the *dense* config: the manifest says what was sliced
-        save_model(model, str(tmp / WEIGHTS))
+        disk = getattr(model, "disk_weights", None)
+        if disk is None:
+            save_model(model, str(tmp / WEIGHTS))
+        else:  # weights on disk (the streamed correction): the same file, written one tensor at a time
+            entries, tied = disk.state_entries(model, keep_name=lambda names: sorted(names)[0])  # as save_model
+            write_safetensors_streamed(tmp / WEIGHTS, entries, tied or None)
         if plan.masks:
             packed, shapes = pack_masks(plan.masks)
             save_file(packed, str(tmp / MASKS), metadata=shapes)

@@ -51,7 +51,7 @@ def elimination_path(C: torch.Tensor, W: torch.Tensor, group: int = 1, order: li
     Hinv = torch.linalg.inv(regularised, out=view(0, n, n))
     Wc = W.clone()
     alive = torch.arange(units)  # unit ids still in, in the current (compacted) column order
-    position = {int(u): k for k, u in enumerate(alive)}
+    position = {u: k for k, u in enumerate(alive.tolist())} if order is not None else None
     removal: list[int] = []
     removed, errors, total = [0], [0.0], 0.0
     while len(alive) > 0:  # down to nothing: an emptied sublayer keeps only its mean output (bias)
@@ -78,9 +78,10 @@ def elimination_path(C: torch.Tensor, W: torch.Tensor, group: int = 1, order: li
         rows = torch.index_select(Hinv, 0, keep_cols, out=view(1, kept, m))
         Hinv = torch.gather(rows, 1, keep_cols.expand(kept, kept), out=view(0, kept, kept))
         Wc = Wc[:, keep_cols]
-        removal.extend(int(alive[k]) for k in pick)
+        removal.extend(alive[pick].tolist())
         alive = alive[keep_units]
-        position = {int(u): k for k, u in enumerate(alive)}
+        if order is not None:  # where each given unit now sits (greedy picks need no lookup)
+            position = {u: k for k, u in enumerate(alive.tolist())}
         removed.append(len(removal))
         errors.append(total)
     return EliminationPath(removal, removed, errors)

@@ -22,12 +22,15 @@ arguments the model gives it (post-LN: layer 0's, the same for every layer; pre-
 once with use_cache=False: masks and rotary embeddings can differ per layer type).
 Memory: two copies of the calibration hidden states plus one layer's targets, kept FFN activations and attention
 projection inputs. With runtime.offload=cpu only the layer being refit sits on `device` (plus embeddings); the
-other layers stay on the CPU (pruneflow.blockwalk).
+other layers stay on the CPU (pruneflow.blockwalk). With runtime.offload=disk no whole model is in memory: the
+dense side reads each block from the checkpoint as it runs, and the pruned side (`StreamedLayers`) reads each
+layer, slices it, refits it and writes it to a spill file.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -35,7 +38,8 @@ from tqdm.auto import tqdm
 
 from pruneflow import correction
 from pruneflow.adapters import SUBLAYERS, Adapter, get_adapter
-from pruneflow.blockwalk import BlockWalk, Capture, Offload, Residency, _Stop, moved_to
+from pruneflow.blockwalk import (BlockWalk, Capture, DiskWeights, Offload, Residency, _Stop, gather_rows, moved_to,
+                                 token_rows)
 from pruneflow.moments import Accumulator
 from pruneflow.runtime import trim_freed_memory
 
@@ -109,6 +113,15 @@ class DenseTrace:
         """The (args, kwargs) layer i gets on batch b, besides the hidden states."""
         return self.walk.call(i, b)
 
+    def inputs(self) -> list[torch.Tensor]:
+        """The calibration hidden states entering layer 0, where a pruned stream starts. Unless the trace is kept
+        for further pruned models, it lets go of them: the hidden states are then held twice (the dense and the
+        pruned stream), not three times."""
+        hidden = [s[0] for s in self.streams]
+        if not self.keep:
+            self.streams = self.walk.streams = [(None, *s[1:]) for s in self.streams]
+        return hidden
+
     @torch.inference_mode()
     def targets(self, i: int) -> dict[str, list[torch.Tensor]]:
         """Per batch, for layer i's attention and FFN: the LayerNorm inputs on the dense stream (post-LN), or
@@ -127,22 +140,66 @@ class DenseTrace:
         return out
 
 
+class SlicedLayers:
+    """The pruned model's layers as the refit walks them, for a model already sliced in memory: it lives where
+    the dense one does (offload=cpu: on the CPU, each layer moved to the device while it is refit)."""
+
+    def __init__(self, model, device: str, offload: Offload):
+        self.layers, self.device, self.move = get_adapter(model).layers(), device, offload != "none"
+        model.to("cpu" if self.move else device)
+
+    @contextmanager
+    def layer(self, i: int) -> Iterator[torch.nn.Module]:
+        with moved_to(self.layers[i], self.device, self.move) as layer:
+            yield layer
+
+
+class StreamedLayers:
+    """The pruned model's layers as the refit walks them, for runtime.offload=disk: the model is a lazy one
+    (blockwalk.lazy_model, parameters on the meta device, dense shapes). Layer i is read from the dense
+    checkpoint when its refit starts, sliced to its kept heads and neurons, and written to `spill_dir` when done
+    (blockwalk.DiskWeights.spill), so one layer's weights are in memory, never the model's. The finished model
+    keeps `disk_weights` (the checkpoint and the spilled layers), which plan.save_pruned and
+    hf_checkpoint.save_plain_checkpoint write from, one tensor at a time."""
+
+    def __init__(self, model, keep_heads: list[list[int]], keep_neurons: list[list[int]], spill_dir: Path,
+                 device: str):
+        self.model, self.adapter, self.device = model, get_adapter(model), device
+        if len(keep_heads) != self.adapter.num_layers or len(keep_neurons) != self.adapter.num_layers:
+            raise ValueError(f"expected keep lists for {self.adapter.num_layers} layers, "
+                             f"got {len(keep_heads)} (heads) and {len(keep_neurons)} (neurons)")
+        self.keep_heads, self.keep_neurons, self.spill_dir = keep_heads, keep_neurons, Path(spill_dir)
+        self.disk = model.disk_weights = DiskWeights(model.checkpoint_dir)
+
+    @contextmanager
+    def layer(self, i: int) -> Iterator[torch.nn.Module]:
+        layer = self.adapter.layers()[i]
+        self.disk.load(self.model, layer, self.device)
+        self.adapter.slice_layer(i, self.keep_heads[i], self.keep_neurons[i])
+        yield layer
+        self.disk.spill(self.model, layer, self.spill_dir / f"layer-{i:03d}.safetensors")
+
+
 @torch.inference_mode()
-def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrace, device: str) -> list[dict]:
-    """Refit every pruned layer in order against the dense model's `trace` (see the module docstring)."""
+def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrace, device: str,
+                       layers: SlicedLayers | StreamedLayers | None = None) -> list[dict]:
+    """Refit every pruned layer in order against the dense model's `trace` (see the module docstring).
+    layers: where the pruned layers come from (default: `pruned_model` is sliced and in memory)."""
     pruned = get_adapter(pruned_model)
     post = pruned.post_norm
-    # The pruned model lives where the dense one does (offload=cpu: layers on the CPU, moved in turn).
-    offload = trace.offload != "none"
-    pruned_model.to("cpu" if offload else device)
+    layers = layers or SlicedLayers(pruned_model, device, trace.offload)
+    h_pruned = trace.inputs()  # replaced batch by batch, never written in place: no copy needed
     streams = trace.streams
-    h_pruned = [s[0].clone() for s in streams]
+    rows = [token_rows(s[3]) for s in streams]  # real tokens per batch (None: all, nothing to gather)
     report = []
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
         trim_freed_memory()  # what slicing freed, then each finished layer's targets and kept activations
-        target = trace.targets(i)
-        attn_inputs: list[torch.Tensor] = []  # per batch: the attention output projection's input
-        with moved_to(pruned.layers()[i], device, offload) as layer:
+        # Each batch's attention target, attention input and spent layer input are let go as soon as used, so
+        # a layer holds one set of kept FFN activations at its peak, not that plus the targets and inputs.
+        target = dict(trace.targets(i))
+        target["attn"] = list(target["attn"])  # our own list to empty (a kept trace still holds its own)
+        attn_inputs: list[torch.Tensor | None] = []  # per batch: the attention output projection's input
+        with layers.layer(i) as layer:
             for name in SUBLAYERS:
                 out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
                 # The attention pass can stop where the FFN starts; the FFN pass's captures give the layer output.
@@ -150,10 +207,9 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                 # post-LN: the LayerNorm input s (residual = s − this sublayer's output); pre-norm: the residual
                 # stream entering the sublayer, as the norm in front of it reads it.
                 watch = {"x": out} | ({"s": pruned.norm(i, name)} if post else {"r": pruned.residual_norm(i, name)})
-                acc, kept = Accumulator(), []
+                acc, kept = Accumulator(), []  # kept: per batch, the FFN output projection's input
                 for b in range(len(streams)):
                     args, kwargs = trace.call(i, b)
-                    mask = streams[b][3]
                     answer = attn_inputs[b] if name == "ffn" and attn_inputs else None
                     with Capture(watch) as cap, _stop_before(stop_at), _attention_answers(pruned, i, answer):
                         try:
@@ -168,11 +224,16 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                         residual = cap.values["r"]
                         x = cap.values["x"] if out is not None else residual[..., :0]
                     t = target[name][b] - residual  # the dense value minus the pruned residual
-                    acc.add(x.flatten(0, -2)[mask], t.flatten(0, -2)[mask])
+                    acc.add(gather_rows(x, rows[b]), gather_rows(t, rows[b]))
                     if name == "ffn":
-                        kept.append((x, residual))
-                    elif out is not None:  # the FFN pass takes attention's result from here
-                        attn_inputs.append(x)
+                        kept.append(x)
+                        h_pruned[b] = residual  # the layer input is spent: the FFN's residual takes its place
+                        if attn_inputs:
+                            attn_inputs[b] = None
+                    else:
+                        target["attn"][b] = None
+                        if out is not None:  # the FFN pass takes attention's result from here
+                            attn_inputs.append(x)
                 m = acc.moments()
                 if out is None:
                     W_K, b = m.cov_tx, None  # (d, 0): only the mean output remains
@@ -183,8 +244,9 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                 report.append(correction.fit_report(i, name, m, W_K, b, W_new, b_new, None))
                 correction.write_fit(pruned, i, name, W_new, b_new)
             out = None if pruned.empty(i, "ffn") else pruned.out_proj(i, "ffn")
-            for b, (x, residual) in enumerate(kept):
-                h = _produce(pruned, i, "ffn", out, x, residual) + residual
+            for b, x in enumerate(kept):
+                h = _produce(pruned, i, "ffn", out, x, h_pruned[b]) + h_pruned[b]
+                kept[b] = None
                 # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
                 h_pruned[b] = pruned.norm(i, "ffn")(h) if post else h
         _after_layer(i, h_pruned)

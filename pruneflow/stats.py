@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pruneflow.adapters import SUBLAYERS, Adapter
+from pruneflow.blockwalk import gather_rows, token_rows
 from pruneflow.moments import Accumulator
 
 
@@ -188,13 +189,11 @@ class _Collector:
         self.handles: list = []
 
     def set_mask(self, mask: torch.Tensor) -> None:
-        """The next batch's token mask ((B*T,) bool, True for real tokens), as row indices gathered once per batch
-        rather than a boolean mask every hook resolves again; no padding (LM windows): no gather at all."""
-        self.real = None if bool(mask.all()) else mask.nonzero().squeeze(1)
+        """The next batch's token mask ((B*T,) bool, True for real tokens), as row indices (blockwalk.token_rows)."""
+        self.real = token_rows(mask)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        return rows if self.real is None else rows.index_select(0, self.real)
+        return gather_rows(x, self.real)
 
     def attach(self) -> None:
         ad = self.adapter

@@ -4,8 +4,9 @@ reads   data/dense, data/stats, data/select/selection.json, data/prepared/calib.
 writes  data/pruned/ (model.safetensors, dense config.json, manifest.json, tokenizer; plus plain/, an ordinary
         Hugging Face checkpoint, when the shape allows: a uniformly pruned Llama-family decoder), metrics/correct.json
 params  correct, collect (tokenization of calibration text, sequential only), task, runtime (runtime.offload: with
-        disk, the sequential correction's dense side reads each block from data/dense as it runs, and the model
-        loaded here is sliced in place, so the dense weights are in memory once, not twice)
+        disk and the sequential correction, neither model is ever whole in memory: the dense side reads each block
+        from data/dense as it runs, the pruned side reads each layer, slices and refits it, and writes it to a
+        spill folder beside data/pruned, from which the model is saved one tensor at a time)
 Each pruned sublayer's output projection (and bias, where it has one) is refit so that it reproduces the dense
 sublayer's output on calibration data (pruneflow/correction.py). correct.sequential=true refits each layer on
 the inputs of the already-pruned model, with targets from the dense one (pruneflow/sequential.py). The model
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from pruneflow.artifacts import read_json, write_json
 from pruneflow.hf_checkpoint import save_plain_checkpoint
@@ -37,10 +40,11 @@ def run(params: Params, layout: Layout) -> dict:
     start = time.perf_counter()
     task = get_task(params.task.kind)
     sel = read_json(layout.selection)
-    model = task.load_model(layout.dense)
-    t0 = time.perf_counter()  # `seconds` is the work; loading (mostly importing the model code) is apart
-
     offload = params.runtime.offload
+    # offload=disk with the sequential refit streams the pruned model too: no whole model is ever in memory
+    streamed = offload == "disk" and uses_sequential(p)
+    model = task.load_lazy(layout.dense) if streamed else task.load_model(layout.dense)
+    t0 = time.perf_counter()  # `seconds` is the work; loading (mostly importing the model code) is apart
 
     def dense_trace():
         from pruneflow.sequential import DenseTrace
@@ -51,20 +55,23 @@ def run(params: Params, layout: Layout) -> dict:
         return DenseTrace(dense, batches, device, offload=offload)
 
     stats = None if uses_sequential(p) else load_statistics(layout.stats)
-    pruned_model, plan, report = prune_to_selection(model, stats, sel, p, device, dense_trace,
-                                                    in_place=offload == "disk" and uses_sequential(p))
-    seconds = time.perf_counter() - t0
-    info = {k: sel[k] for k in ("budget", "cost", "allocation", "seq_len", "ranking", "flops_dense", "flops_pruned",
-                                "flops_ratio")}
-    info |= {"correction": p.method, "sequential": uses_sequential(p)}
-    tokenizer = load_tokenizer(layout.dense)
-    save_pruned(pruned_model, layout.pruned, plan, info, tokenizer)
-    try:  # uniformly pruned decoders are also an ordinary checkpoint of their architecture
-        save_plain_checkpoint(pruned_model, layout.pruned / "plain", tokenizer)
-        plain = str(layout.pruned / "plain")
-    except ValueError as why:
-        plain = None
-        log.info("no plain Hugging Face checkpoint (the manifest format holds the model): %s", why)
+    layout.pruned.parent.mkdir(parents=True, exist_ok=True)
+    # the streamed layers' spill sits beside the output and goes once the model is saved from it
+    with tempfile.TemporaryDirectory(prefix=f".{layout.pruned.name}-spill-", dir=layout.pruned.parent) as spill:
+        pruned_model, plan, report = prune_to_selection(model, stats, sel, p, device, dense_trace,
+                                                        spill_dir=Path(spill) if streamed else None)
+        seconds = time.perf_counter() - t0
+        info = {k: sel[k] for k in ("budget", "cost", "allocation", "seq_len", "ranking", "flops_dense",
+                                    "flops_pruned", "flops_ratio")}
+        info |= {"correction": p.method, "sequential": uses_sequential(p)}
+        tokenizer = load_tokenizer(layout.dense)
+        save_pruned(pruned_model, layout.pruned, plan, info, tokenizer)
+        try:  # uniformly pruned decoders are also an ordinary checkpoint of their architecture
+            save_plain_checkpoint(pruned_model, layout.pruned / "plain", tokenizer)
+            plain = str(layout.pruned / "plain")
+        except ValueError as why:
+            plain = None
+            log.info("no plain Hugging Face checkpoint (the manifest format holds the model): %s", why)
     mean = lambda key: sum(r[key] for r in report) / len(report)  # noqa: E731
     metrics = {"method": p.method, "sequential": uses_sequential(p), "offload": offload, "seconds": round(seconds, 2),
                "load_seconds": round(t0 - start, 2),

@@ -68,6 +68,39 @@ def test_sequential_refit_with_offload_on_cuda_matches_cpu():
         assert torch.allclose(v, results[1][k], atol=1e-3, rtol=1e-3), k
 
 
+
+def test_streamed_refit_on_cuda_matches_cpu(tmp_path):
+    """offload=disk on the GPU: the pruned layers are read, sliced and refit on the device one at a time and
+    spilled; the weights match the CPU's in-memory refit and nothing stays on the device."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    from transformers import AutoModelForCausalLM
+
+    from pruneflow.blockwalk import lazy_model
+    from pruneflow.plan import Plan
+    from pruneflow.sequential import DenseTrace, StreamedLayers, correct_sequential
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer_for_tests(tiny_tokenizer)
+    dense = tiny_llama(layers=3)
+    dense.save_pretrained(tmp_path / "m")
+    ad = get_adapter(dense)
+    keep_heads = [list(range(ad.group, 2 * ad.group))] * ad.num_layers
+    keep_neurons = [list(range(0, ad.dense_neurons, 2))] * ad.num_layers
+    texts = ["the film was good and the story was fun"] * 6 + ["a dull slow plot"] * 6
+    cpu = Plan(keep_heads, keep_neurons).apply(copy.deepcopy(dense))
+    correct_sequential(cpu, "lstsq", 1e-3, DenseTrace(copy.deepcopy(dense), tokenized_batches(tok, texts, 4, 16, "cpu"),
+                                                      "cpu"), "cpu")
+    gpu = lazy_model(AutoModelForCausalLM, tmp_path / "m")
+    (tmp_path / "spill").mkdir()
+    trace = DenseTrace(lazy_model(AutoModelForCausalLM, tmp_path / "m"), tokenized_batches(tok, texts, 4, 16, "cuda"),
+                       "cuda", offload="disk")
+    correct_sequential(gpu, "lstsq", 1e-3, trace, "cuda",
+                       StreamedLayers(gpu, keep_heads, keep_neurons, tmp_path / "spill", "cuda"))
+    assert all(p.is_meta for p in gpu.model.layers.parameters())
+    for k, v in cpu.model.layers.state_dict().items():
+        got = gpu.disk_weights.tensor(f"model.layers.{k}")
+        assert torch.allclose(v, got, atol=1e-3, rtol=1e-3), k
+
 def tiny_tokenizer_for_tests(factory):
     import tempfile
     from pathlib import Path

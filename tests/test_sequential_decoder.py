@@ -5,7 +5,8 @@
 - the layer outputs the refit propagates (computed from captures) equal a real forward pass of the result;
 - at ~50% units removed, sequential lstsq is closer to the dense logits than non-sequential lstsq and than none;
 - the correct stage (stages/correct.py, sequential by default) runs on a decoder; Gemma 3 is refused clearly;
-- offload (only the current layer on the device) gives the same weights.
+- offload (only the current layer on the device) gives the same weights, and so does a dense trace shared by
+  several pruned models (the sweep).
 """
 
 from __future__ import annotations
@@ -229,3 +230,21 @@ def test_offload_gives_the_same_weights(tok, family):
         results.append(pruned.state_dict())
     for k, v in results[0].items():
         assert torch.equal(v, results[1][k]), k
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_kept_trace_serves_several_models_as_fresh_traces_do(tok, family):
+    """The sweep shares one dense trace (keep=True) among its pruned models: each gets the weights a trace of
+    its own would give (the trace's layer-0 inputs and targets are not consumed by the first model)."""
+    dense = factory(family)()
+    ad = get_adapter(dense)
+    shared = trace(copy.deepcopy(dense), tok, keep=True)
+    for seed in (0, 1):
+        sel = half_selection(ad, seed)
+        results = []
+        for t in (shared, trace(copy.deepcopy(dense), tok)):
+            pruned = Plan(sel["keep_heads"], sel["keep_neurons"]).apply(copy.deepcopy(dense))
+            sequential.correct_sequential(pruned, "lstsq", 1e-3, t, "cpu")
+            results.append(pruned.state_dict())
+        for k, v in results[0].items():
+            assert torch.equal(v, results[1][k]), (seed, k)

@@ -79,13 +79,13 @@ def head_columns(heads: list[int] | torch.Tensor, head_dim: int) -> torch.Tensor
 def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     """A new Linear keeping output rows (dim=0) or input columns (dim=1) `index` of `linear`."""
     index = index.to(linear.weight.device)
-    w = linear.weight.index_select(dim, index).detach().clone()
     has_bias = linear.bias is not None
-    new = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
-    new.weight.data.copy_(w)
+    # built on the meta device and handed the gathered copies: no random init, no second copy
+    new = nn.Linear(len(index) if dim == 1 else linear.in_features, len(index) if dim == 0 else linear.out_features,
+                    bias=has_bias, device="meta", dtype=linear.weight.dtype)
+    new.weight = nn.Parameter(linear.weight.detach().index_select(dim, index))
     if has_bias:
-        b = linear.bias.detach().clone() if dim == 1 else linear.bias.index_select(0, index).detach().clone()
-        new.bias.data.copy_(b)
+        new.bias = nn.Parameter(linear.bias.detach().clone() if dim == 1 else linear.bias.detach().index_select(0, index))
     return new
 
 
@@ -292,30 +292,41 @@ class Adapter(BlockAdapter):
         if len(keep_heads) != self.num_layers or len(keep_neurons) != self.num_layers:
             raise ValueError(f"expected keep lists for {self.num_layers} layers, "
                              f"got {len(keep_heads)} (heads) and {len(keep_neurons)} (neurons)")
-        plan = []
-        for i in range(self.num_layers):  # validate every layer before touching any (no half-sliced model)
-            heads = sorted(set(int(h) for h in keep_heads[i]))
-            neurons = sorted(set(int(j) for j in keep_neurons[i]))
-            if heads and (heads[0] < 0 or heads[-1] >= self.dense_heads):
-                raise ValueError(f"layer {i}: head index out of range 0..{self.dense_heads - 1}")
-            if neurons and (neurons[0] < 0 or neurons[-1] >= self.dense_neurons):
-                raise ValueError(f"layer {i}: neuron index out of range 0..{self.dense_neurons - 1}")
-            if not self.is_dense(i):
-                raise ValueError(f"layer {i} is already sliced; slice a dense model (indices are dense indices)")
-            plan.append((heads, neurons, self.kv_heads_for(heads) if heads else []))
-        for i, (heads, neurons, kv) in enumerate(plan):
-            if not heads:
-                self.empty_sublayer(i, "attn")
-            elif len(heads) < self.dense_heads:
-                q_idx, kv_idx = head_columns(heads, self.head_dim), head_columns(kv, self.head_dim)
-                q, k, v = self.attn_in(i)
-                self.set_attn(i, slice_linear(q, q_idx, 0), slice_linear(k, kv_idx, 0), slice_linear(v, kv_idx, 0),
-                              slice_linear(self.attn_out(i), q_idx, 1), len(heads), len(kv))
-            if not neurons:
-                self.empty_sublayer(i, "ffn")
-            elif len(neurons) < self.dense_neurons:
-                idx = torch.tensor(neurons)
-                self.set_ffn(i, [slice_linear(m, idx, 0) for m in self.ffn_in(i)], slice_linear(self.ffn_out(i), idx, 1))
+        # every layer is validated before any is touched (no half-sliced model)
+        plan = [self._checked_keep(i, keep_heads[i], keep_neurons[i]) for i in range(self.num_layers)]
+        for i, keep in enumerate(plan):
+            self._slice_layer(i, *keep)
+
+    def slice_layer(self, i: int, keep_heads: list[int], keep_neurons: list[int]) -> None:
+        """slice_ for layer i alone (the streamed sequential correction slices each layer as it reads it in)."""
+        self._slice_layer(i, *self._checked_keep(i, keep_heads, keep_neurons))
+
+    def _checked_keep(self, i: int, keep_heads: list[int], keep_neurons: list[int]
+                      ) -> tuple[list[int], list[int], list[int]]:
+        """Sorted kept heads, neurons and the KV heads they need; ValueError if out of range or layer i is sliced."""
+        heads = sorted(set(int(h) for h in keep_heads))
+        neurons = sorted(set(int(j) for j in keep_neurons))
+        if heads and (heads[0] < 0 or heads[-1] >= self.dense_heads):
+            raise ValueError(f"layer {i}: head index out of range 0..{self.dense_heads - 1}")
+        if neurons and (neurons[0] < 0 or neurons[-1] >= self.dense_neurons):
+            raise ValueError(f"layer {i}: neuron index out of range 0..{self.dense_neurons - 1}")
+        if not self.is_dense(i):
+            raise ValueError(f"layer {i} is already sliced; slice a dense model (indices are dense indices)")
+        return heads, neurons, self.kv_heads_for(heads) if heads else []
+
+    def _slice_layer(self, i: int, heads: list[int], neurons: list[int], kv: list[int]) -> None:
+        if not heads:
+            self.empty_sublayer(i, "attn")
+        elif len(heads) < self.dense_heads:
+            q_idx, kv_idx = head_columns(heads, self.head_dim), head_columns(kv, self.head_dim)
+            q, k, v = self.attn_in(i)
+            self.set_attn(i, slice_linear(q, q_idx, 0), slice_linear(k, kv_idx, 0), slice_linear(v, kv_idx, 0),
+                          slice_linear(self.attn_out(i), q_idx, 1), len(heads), len(kv))
+        if not neurons:
+            self.empty_sublayer(i, "ffn")
+        elif len(neurons) < self.dense_neurons:
+            idx = torch.tensor(neurons)
+            self.set_ffn(i, [slice_linear(m, idx, 0) for m in self.ffn_in(i)], slice_linear(self.ffn_out(i), idx, 1))
 
     # --- masking: virtual sub-models by hooks, no copies ------------------------------------------------------
     @contextlib.contextmanager

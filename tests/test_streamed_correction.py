@@ -1,0 +1,154 @@
+"""Issue 9 item 6: the sequential correction with runtime.offload=disk holds no whole model in memory.
+
+It proves: the streamed safetensors writer writes the same bytes as safetensors' own save_file; the streamed
+correction (each pruned layer read from the dense checkpoint, sliced, refit and spilled to disk) gives the same
+weights bit for bit as slicing the whole model in memory, with at most one layer's weights real at any time and
+none after it, on a post-LN encoder and on pre-norm decoders (with an emptied sublayer among the layers);
+the model saved from the spill is byte-identical to the one saved from memory, in pruneflow's format and as a
+plain Hugging Face checkpoint; the correct stage with offload=disk writes the same files as with offload=none
+and leaves no spill behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from pruneflow.adapters import get_adapter
+from pruneflow.artifacts import write_safetensors_streamed
+from pruneflow.blockwalk import lazy_model
+from pruneflow.hf_checkpoint import save_plain_checkpoint
+from pruneflow.plan import Plan, save_pruned
+from pruneflow.sequential import DenseTrace, StreamedLayers, correct_sequential
+from test_stats import batches_for
+from test_lm_stages import lm_project  # noqa: F401 (fixture)
+from tiny import DECODERS, FACTORIES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _header_and_data(path):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}, {"format": "pt", "a.b": "c", "z": "y"}])
+def test_streamed_writer_writes_safetensors_bytes(tmp_path, metadata):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"layer.1.w": torch.randn(3, 5, generator=g), "layer.0.w": torch.randn(7, generator=g),
+               "emb": torch.randn(4, 2, generator=g).double(), "half": torch.randn(3, generator=g).half(),
+               "scalar": torch.tensor(2.5)}
+    library, streamed = tmp_path / "library.safetensors", tmp_path / "streamed.safetensors"
+    save_file(tensors, str(library), metadata=metadata)
+    loads = []
+    entries = {k: (v.dtype, tuple(v.shape), lambda k=k, v=v: loads.append(k) or v) for k, v in tensors.items()}
+    write_safetensors_streamed(streamed, entries, metadata)
+    assert sorted(loads) == sorted(tensors)  # each loaded once, when written
+    if len(metadata or {}) <= 1:
+        assert streamed.read_bytes() == library.read_bytes()
+    else:  # the library orders metadata keys at random (a hash map); ours are sorted
+        assert _header_and_data(streamed) == _header_and_data(library)
+
+
+def test_streamed_writer_refuses_a_tensor_of_another_shape(tmp_path):
+    with pytest.raises(ValueError, match="declared"):
+        write_safetensors_streamed(tmp_path / "x.safetensors", {"w": (torch.float32, (2, 2), lambda: torch.ones(3))})
+    assert not (tmp_path / "x.safetensors").exists()  # nothing half-written
+
+
+def keep_lists(ad):
+    """Uneven kept units; the last layer loses its whole FFN (a constant sublayer)."""
+    heads = [list(range(ad.group, ad.dense_heads))] * ad.num_layers
+    neurons = [list(range(0, ad.dense_neurons, 2))] * (ad.num_layers - 1) + [[]]
+    return heads, neurons
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "bert"])
+def test_streamed_layers_equal_in_memory_slicing(family, tmp_path):
+    model = FACTORIES[family](layers=3)
+    model.save_pretrained(tmp_path / "dense")
+    auto = AutoModelForCausalLM if family in DECODERS else AutoModelForSequenceClassification
+    lazy = lambda: lazy_model(auto, tmp_path / "dense", attn=model.config._attn_implementation)  # noqa: E731
+    keep_heads, keep_neurons = keep_lists(get_adapter(model))
+    plan = Plan(keep_heads, keep_neurons)
+
+    in_memory = plan.apply(copy.deepcopy(model))
+    report = correct_sequential(in_memory, "lstsq", 1e-3, DenseTrace(lazy(), batches_for(family), "cpu",
+                                                                     offload="disk"), "cpu")
+
+    streamed = lazy()
+    ad = get_adapter(streamed)
+    resident = []  # real layer weights whenever a layer runs
+    for layer in ad.layers():
+        layer.register_forward_pre_hook(lambda m, a: resident.append(
+            sum(p.numel() for blk in ad.layers() for p in blk.parameters() if not p.is_meta)))
+    layers = StreamedLayers(streamed, keep_heads, keep_neurons, tmp_path / "spill", "cpu")
+    (tmp_path / "spill").mkdir()
+    report_streamed = correct_sequential(streamed, "lstsq", 1e-3, DenseTrace(lazy(), batches_for(family), "cpu",
+                                                                             offload="disk"), "cpu", layers)
+    assert report_streamed == report
+    assert all(p.is_meta for p in streamed.parameters())  # nothing resident after the walk
+    one_layer = max(sum(p.numel() for p in blk.parameters()) for blk in get_adapter(in_memory).layers())
+    assert resident and max(resident) <= one_layer
+    assert ad.shape() == get_adapter(in_memory).shape()
+
+    # saved from the spill and the checkpoint, one tensor at a time: the same bytes as saved from memory
+    save_pruned(in_memory, tmp_path / "from_memory", plan, {"x": 1})
+    save_pruned(streamed, tmp_path / "from_disk", plan, {"x": 1})
+    for name in ("model.safetensors", "manifest.json", "config.json"):
+        assert (tmp_path / "from_disk" / name).read_bytes() == (tmp_path / "from_memory" / name).read_bytes(), name
+
+
+def test_streamed_plain_checkpoint_equals_save_pretrained(tmp_path):
+    model = FACTORIES["llama"](layers=2)
+    model.save_pretrained(tmp_path / "dense")
+    ad = get_adapter(model)
+    keep_heads = [list(range(ad.group, ad.dense_heads))] * ad.num_layers
+    keep_neurons = [list(range(0, ad.dense_neurons, 2))] * ad.num_layers  # uniform: a plain config exists
+    lazy = lambda: lazy_model(AutoModelForCausalLM, tmp_path / "dense")  # noqa: E731
+    in_memory = Plan(keep_heads, keep_neurons).apply(copy.deepcopy(model))
+    correct_sequential(in_memory, "lstsq", 1e-3, DenseTrace(lazy(), batches_for("llama"), "cpu", offload="disk"),
+                       "cpu")
+    streamed = lazy()
+    (tmp_path / "spill").mkdir()
+    correct_sequential(streamed, "lstsq", 1e-3, DenseTrace(lazy(), batches_for("llama"), "cpu", offload="disk"),
+                       "cpu", StreamedLayers(streamed, keep_heads, keep_neurons, tmp_path / "spill", "cpu"))
+    save_plain_checkpoint(in_memory, tmp_path / "a")
+    save_plain_checkpoint(streamed, tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for f in (tmp_path / "a").iterdir():
+        assert (tmp_path / "b" / f.name).read_bytes() == f.read_bytes(), f.name
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "b")  # an ordinary checkpoint, no pruneflow needed
+    ids = torch.tensor([[5, 9, 11, 3, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, in_memory(ids).logits, rtol=0, atol=0)
+
+
+def test_correct_stage_with_disk_offload_writes_the_same_model(lm_project):
+    """The LM chain on a tiny GQA Llama through the stage CLIs: correct with runtime.offload=disk (streamed)
+    writes the same files as with offload=none, and leaves no spill folder behind."""
+    import shutil
+
+    from stages import lm_prepare
+    from test_lm_stages import run, run_structured, structured_params
+
+    assert run(lm_prepare, lm_project) == 0
+    params = structured_params(lm_project)
+    run_structured(lm_project, params, ("collect", "rank", "select", "correct"))
+    pruned = lm_project / "data/lm/pruned"
+    shutil.move(pruned, lm_project / "in_memory")
+    run_structured(lm_project, params, ("correct",), "--set", "runtime.offload=disk")
+    assert json.loads((lm_project / "metrics/lm/correct.json").read_text())["offload"] == "disk"
+    assert not list(pruned.parent.glob(".*spill*"))
+    written = sorted(str(f.relative_to(pruned)) for f in pruned.rglob("*") if f.is_file())
+    assert written == sorted(str(f.relative_to(lm_project / "in_memory"))
+                             for f in (lm_project / "in_memory").rglob("*") if f.is_file())
+    assert "model.safetensors" in written and "plain/model.safetensors" in written
+    for rel in written:
+        assert (pruned / rel).read_bytes() == (lm_project / "in_memory" / rel).read_bytes(), rel

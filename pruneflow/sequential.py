@@ -165,9 +165,7 @@ class StreamedLayers:
     def __init__(self, model, keep_heads: list[list[int]], keep_neurons: list[list[int]], spill_dir: Path,
                  device: str):
         self.model, self.adapter, self.device = model, get_adapter(model), device
-        if len(keep_heads) != self.adapter.num_layers or len(keep_neurons) != self.adapter.num_layers:
-            raise ValueError(f"expected keep lists for {self.adapter.num_layers} layers, "
-                             f"got {len(keep_heads)} (heads) and {len(keep_neurons)} (neurons)")
+        self.adapter.check_layer_count(keep_heads, keep_neurons)
         self.keep_heads, self.keep_neurons, self.spill_dir = keep_heads, keep_neurons, Path(spill_dir)
         self.disk = model.disk_weights = DiskWeights(model.checkpoint_dir)
 

@@ -15,6 +15,7 @@ reloads with one call: pruneflow.plan.load_pruned(path).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import tempfile
@@ -57,9 +58,11 @@ def run(params: Params, layout: Layout) -> dict:
     stats = None if uses_sequential(p) else load_statistics(layout.stats)
     layout.pruned.parent.mkdir(parents=True, exist_ok=True)
     # the streamed layers' spill sits beside the output and goes once the model is saved from it
-    with tempfile.TemporaryDirectory(prefix=f".{layout.pruned.name}-spill-", dir=layout.pruned.parent) as spill:
+    spill = (tempfile.TemporaryDirectory(prefix=f".{layout.pruned.name}-spill-", dir=layout.pruned.parent)
+             if streamed else contextlib.nullcontext())
+    with spill as spill_dir:
         pruned_model, plan, report = prune_to_selection(model, stats, sel, p, device, dense_trace,
-                                                        spill_dir=Path(spill) if streamed else None)
+                                                        spill_dir=spill_dir and Path(spill_dir))
         seconds = time.perf_counter() - t0
         info = {k: sel[k] for k in ("budget", "cost", "allocation", "seq_len", "ranking", "flops_dense",
                                     "flops_pruned", "flops_ratio")}

@@ -34,9 +34,9 @@ def run(params: Params, layout: Layout) -> dict:
     seq_len = resolve_seq_len(p.seq_len, read_json(layout.stats / "stats.json"))
     sel = select_units(model, get_adapter(model), read_json(layout.ranking), p, make_cost(p.cost, seq_len, p.tolerance),
                        seq_len)
-    sel["seconds"], sel["load_seconds"] = round(time.perf_counter() - t0, 2), round(t0 - start, 2)
-    write_json(layout.selection, sel)
-    write_json(layout.metrics / "select.json", {k: v for k, v in sel.items() if not k.startswith("keep_")})
+    timing = {"seconds": round(time.perf_counter() - t0, 2), "load_seconds": round(t0 - start, 2)}
+    write_json(layout.selection, sel)  # what was selected only: the same inputs give the same bytes
+    write_json(layout.metrics / "select.json", {k: v for k, v in sel.items() if not k.startswith("keep_")} | timing)
     log.info("budget %.2f of %s -> %.4f; fvcore FLOPs %.4f of dense at length %d; heads/layer %s, neurons/layer %s",
              sel["budget"], sel["cost"], sel["cost_ratio"], sel["flops_ratio"], sel["seq_len"],
              sel["heads_per_layer"], sel["neurons_per_layer"])

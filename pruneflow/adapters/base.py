@@ -289,13 +289,16 @@ class Adapter(BlockAdapter):
     def slice_(self, keep_heads: list[list[int]], keep_neurons: list[list[int]]) -> None:
         """Physically keep only these heads and neurons per layer (indices into the *dense* layer).
         Must be called on a dense model; a layer may keep nothing (its sublayer becomes constant)."""
-        if len(keep_heads) != self.num_layers or len(keep_neurons) != self.num_layers:
-            raise ValueError(f"expected keep lists for {self.num_layers} layers, "
-                             f"got {len(keep_heads)} (heads) and {len(keep_neurons)} (neurons)")
+        self.check_layer_count(keep_heads, keep_neurons)
         # every layer is validated before any is touched (no half-sliced model)
         plan = [self._checked_keep(i, keep_heads[i], keep_neurons[i]) for i in range(self.num_layers)]
         for i, keep in enumerate(plan):
             self._slice_layer(i, *keep)
+
+    def check_layer_count(self, keep_heads: list[list[int]], keep_neurons: list[list[int]]) -> None:
+        if len(keep_heads) != self.num_layers or len(keep_neurons) != self.num_layers:
+            raise ValueError(f"expected keep lists for {self.num_layers} layers, "
+                             f"got {len(keep_heads)} (heads) and {len(keep_neurons)} (neurons)")
 
     def slice_layer(self, i: int, keep_heads: list[int], keep_neurons: list[int]) -> None:
         """slice_ for layer i alone (the streamed sequential correction slices each layer as it reads it in)."""

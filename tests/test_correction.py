@@ -15,7 +15,7 @@ import torch
 
 from pruneflow import correction
 from pruneflow.correction import METHODS, error, fit, moments_from_dense
-from pruneflow.moments import Accumulator, Moments
+from pruneflow.moments import Accumulator, Moments, add_gram
 
 
 def gen(seed: int) -> torch.Generator:
@@ -182,6 +182,22 @@ def test_moment_accumulator_in_chunks_equals_one_shot_float64():
     f32 = Accumulator()
     f32.add(x.float(), t.float())  # float32 input: the same float64 moments
     assert_moments_close(f32.moments(), one, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("K", [191, 400, 777])
+def test_blocked_gram_is_the_full_product_and_exactly_symmetric(K):
+    """add_gram computes the blocks on and above the diagonal only: on exact (dyadic) data it must equal cᵀc
+    entry for entry, whatever the block edges, and on random data be exactly symmetric and equal to cᵀc to
+    float32 round-off (on this CPU's MKL it is bit-identical; the pipelines' byte comparisons check that)."""
+    c = dyadic(300, K, seed=K).float()
+    acc = torch.full((K, K), 0.5, dtype=torch.float64)  # it adds to what is there
+    add_gram(acc, c)
+    assert torch.equal(acc, 0.5 + (c.double().T @ c.double()))
+    r = torch.randn(500, K, generator=gen(K)) + 0.3
+    acc = torch.zeros(K, K, dtype=torch.float64)
+    add_gram(acc, r)
+    assert torch.equal(acc, acc.T)
+    torch.testing.assert_close(acc, (r.T @ r).double(), rtol=1e-5, atol=1e-3)
 
 
 def test_moment_accumulator_on_random_data_agrees_to_float32_precision():

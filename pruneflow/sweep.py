@@ -82,9 +82,20 @@ class _Context:
         return self.traces[key]
 
 
+# What a context reads of the params. The points of a sweep (or of benchmarks.lm_heads) differ in rank, select
+# and correct, which the context must not be keyed on: each new key loads the model, its eval reference and its
+# dense trace again.
+CONTEXT_SECTIONS = {"task", "runtime", "evaluate"}
+
+
 @lru_cache(maxsize=2)
 def _context(params_json: str, layout: Layout) -> _Context:
     return _Context(Params.model_validate_json(params_json), layout)
+
+
+def context(params: Params, layout: Layout) -> _Context:
+    """The shared context of every point on `layout` with these task, runtime and evaluate params."""
+    return _context(params.model_dump_json(include=CONTEXT_SECTIONS), layout)
 
 
 def release_contexts() -> None:
@@ -95,7 +106,7 @@ def release_contexts() -> None:
 
 def run_point(params: Params, layout: Layout, method: str, budget: float) -> dict:
     """Prune at one (method spec, budget) in memory and evaluate; returns one table row."""
-    ctx = _context(params.model_dump_json(), layout)
+    ctx = context(params, layout)
     p = parse_spec(method, params)
     p = p.model_copy(update={"select": p.select.model_copy(update={"budget": budget})})
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from pruneflow import sweep
+from pruneflow.allocation import head_counts
 from pruneflow.artifacts import write_json
 from pruneflow.params import load_params
 from pruneflow.runtime import Layout, setup_logging
@@ -56,8 +57,8 @@ def main() -> None:
     for budget in args.budgets:
         chosen = point(params, layout, budget, None)
         ctx = sweep.context(params, layout)
-        step = ctx.adapter.dense_kv_heads if ctx.adapter.group > 1 else 1
-        counts = args.heads or list(range(step, ctx.adapter.dense_heads + 1, step))
+        step = ctx.adapter.dense_kv_heads if ctx.adapter.group > 1 else 1  # as select_units: one head per KV group
+        counts = args.heads or head_counts(ctx.adapter.dense_heads, params.select.min_heads, step)
         rows = [chosen]
         for h in counts:
             if h == chosen["heads_per_layer"][0]:

@@ -6,7 +6,8 @@ process that has imported a stage and built the model with no weights (the floor
     .venv/bin/python -m benchmarks.offload [--modes none disk] [--device cpu]
     python3 -m benchmarks.offload --random .gpu --device cuda --modes none cpu disk   (a lent GPU machine)
 
-Needs `make lm` up to select (data/lm/dense, data/lm/prepared, data/lm/select). --random DIR builds a model of
+disk-heap is disk with correct.return_memory=false: correct then leaves freed memory to glibc's heap, as the other
+modes do (faster, a higher peak). Needs `make lm` up to select (data/lm/dense, data/lm/prepared, data/lm/select). --random DIR builds a model of
 the same shape with random weights from DIR/config.json (plus DIR's tokenizer, windows.safetensors and
 selection.json): the real checkpoint is too large to carry to a GPU machine. The stages write into a scratch
 project; nothing under data/ changes. Statistics and corrected weights are compared across modes (they must
@@ -91,7 +92,10 @@ def compare(a: Path, b: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", nargs="+", default=["none", "disk"], choices=["none", "cpu", "disk"])
+    ap.add_argument("--modes", nargs="+", default=["none", "disk", "disk-heap"],
+                    choices=["none", "cpu", "disk", "disk-heap"],
+                    help="runtime.offload values; disk-heap is disk with correct.return_memory=false (glibc keeps "
+                         "freed heap: faster, a higher peak)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--random", type=Path, help="a folder with config.json, tokenizer, windows.safetensors, "
                                                 "selection.json: random weights of that shape")
@@ -113,7 +117,9 @@ def main() -> None:
             (root / "data/dense").symlink_to(dense)
             os.symlink(prepared / "windows.safetensors", root / "data/prepared/windows.safetensors")
             os.symlink(select / "selection.json", root / "data/select/selection.json")
-            sets = ["--set", f"runtime.offload={mode}", "--set", f"runtime.device={args.device}"]
+            offload, heap = mode.removesuffix("-heap"), mode.endswith("-heap")
+            sets = ["--set", f"runtime.offload={offload}", "--set", f"runtime.device={args.device}"]
+            sets += ["--set", "correct.return_memory=false"] if heap else []
             base = ["--root", str(root), "--params", str(PARAMS), "--data", "data", "--metrics", "metrics",
                     "--plots", "plots"]
             run([sys.executable, "-m", "stages.collect", *base, *sets, "--set", "collect.time_forward=false"], env)

@@ -108,14 +108,16 @@ def decoder_inputs(model, adapter: Adapter, batches) -> tuple[list, list[list[tu
     return streams, per_layer
 
 
-def lazy_model(auto_class, path: str | Path, attn: str = "sdpa", dtype: torch.dtype = torch.float32) -> nn.Module:
+def lazy_model(auto_class, path: str | Path, attn: str = "sdpa", dtype: torch.dtype = torch.float32,
+               weights: bool = True) -> nn.Module:
     """The model of the Hugging Face directory `path` with its parameters on the meta device (buffers such as
-    rotary frequencies are real): what offload=disk walks, reading weights from `path` as blocks run."""
+    rotary frequencies are real): what offload=disk walks, reading weights from `path` as blocks run.
+    weights=False: shapes only (what FLOP and parameter counts read); `path` then needs no safetensors."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     path = Path(path)
-    if not any(path.glob("*.safetensors")):
+    if weights and not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"runtime.offload=disk reads weights from safetensors, and {path} has none "
                                 "(set runtime.offload to none or cpu)")
     config = AutoConfig.from_pretrained(str(path))

@@ -31,6 +31,9 @@ class Measured:
 
 class Cost(ABC):
     name: str
+    # Whether `measure` reads weight values. FLOPs and parameter counts read shapes only, so they measure a model
+    # whose parameters are on the meta device (fvcore traces it just the same): select then holds no weights.
+    reads_weights: bool = False
 
     @abstractmethod
     def measure(self, model: nn.Module) -> Measured:
@@ -119,6 +122,7 @@ class ParamCost(Cost):
 
 class NonzeroCost(Cost):
     name = "nonzeros"
+    reads_weights = True
 
     def measure(self, model):
         adapter = get_adapter(model)

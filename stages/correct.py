@@ -3,7 +3,7 @@
 reads   data/dense, data/stats, data/select/selection.json, data/prepared/calib.jsonl (sequential only)
 writes  data/pruned/ (model.safetensors, dense config.json, manifest.json, tokenizer; plus plain/, an ordinary
         Hugging Face checkpoint, when the shape allows: a uniformly pruned Llama-family decoder), metrics/correct.json
-params  correct, collect (tokenization of calibration text, sequential only), task, runtime (runtime.offload: with
+params  correct (correct.return_memory: lower peak memory for more time; by default with offload=disk), collect (tokenization of calibration text, sequential only), task, runtime (runtime.offload: with
         disk and the sequential correction, neither model is ever whole in memory: the dense side reads each block
         from data/dense as it runs, the pruned side reads each layer, slices and refits it, and writes it to a
         spill folder beside data/pruned, from which the model is saved one tensor at a time)
@@ -27,7 +27,7 @@ from pruneflow.hf_checkpoint import save_plain_checkpoint
 from pruneflow.params import Params
 from pruneflow.plan import save_pruned
 from pruneflow.pruning import prune_to_selection, uses_sequential
-from pruneflow.runtime import Layout, load_tokenizer, peak_memory, setup_torch, stage_main
+from pruneflow.runtime import Layout, load_tokenizer, peak_memory, release_freed_memory_to_os, setup_torch, stage_main
 from pruneflow.stats import load_statistics
 from pruneflow.tasks import get_task
 
@@ -37,11 +37,15 @@ log = logging.getLogger("pruneflow.correct")
 def run(params: Params, layout: Layout) -> dict:
     """Slice to the selection and refit the kept output projections."""
     p, c = params.correct, params.collect
+    offload = params.runtime.offload
+    # glibc keeps the heap that the refit's per-batch tensors free between layers (about 250 MiB on SmolLM2);
+    # mmap gives it back, at the price of fresh pages for every large tensor
+    if p.return_memory or (p.return_memory is None and offload == "disk"):
+        release_freed_memory_to_os()
     device = setup_torch(params)
     start = time.perf_counter()
     task = get_task(params.task.kind)
     sel = read_json(layout.selection)
-    offload = params.runtime.offload
     # offload=disk with the sequential refit streams the pruned model too: no whole model is ever in memory
     streamed = offload == "disk" and uses_sequential(p)
     model = task.load_lazy(layout.dense) if streamed else task.load_model(layout.dense)

@@ -410,3 +410,32 @@ def test_bad_mask_patterns_are_refused(pattern):
 
     with pytest.raises(ValueError, match="N:M"):
         check_pattern(pattern)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_select_on_a_model_without_weights_selects_the_same(family, tmp_path):
+    """The select stage measures FLOPs and parameters on the model with its parameters on the meta device
+    (Task.load_shapes: no weights in memory): fvcore's trace of the sliced shapes gives the same counts, so the
+    same selection, as the real model, for every cost that reads shapes, under both allocations."""
+    from pruneflow.cost import make_cost
+    from pruneflow.modeling import is_token_level
+    from pruneflow.params import RankParams, SelectParams
+    from pruneflow.ranking import rank_model
+    from pruneflow.selection import select_units
+    from pruneflow.stats import collect_statistics
+    from pruneflow.tasks import get_task
+
+    model = FACTORIES[family]()
+    model.save_pretrained(tmp_path)
+    task = get_task("causal_lm" if is_token_level(model) else "classification")
+    shapes = task.load_shapes(tmp_path)
+    assert all(p.is_meta for p in shapes.parameters())
+    ad = get_adapter(model)
+    batches = [tiny_inputs(seed=s) for s in (1, 2)]
+    ranking = rank_model(ad, collect_statistics(model, ad, batches), RankParams(method="activation", chunk=0.1),
+                         progress=False)
+    for cost, allocation in (("flops", "uniform"), ("params", "uniform"), ("flops", "error")):
+        p = SelectParams(budget=0.7, cost=cost, allocation=allocation, min_neurons=1)
+        real = select_units(model, ad, ranking, p, make_cost(cost, 10), 10)
+        assert select_units(shapes, get_adapter(shapes), ranking, p, make_cost(cost, 10), 10) == real
+    assert not make_cost("flops", 10).reads_weights and make_cost("nonzeros", 10).reads_weights

@@ -130,20 +130,26 @@ def test_streamed_plain_checkpoint_equals_save_pretrained(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, in_memory(ids).logits, rtol=0, atol=0)
 
 
-def test_correct_stage_with_disk_offload_writes_the_same_model(lm_project):
+def test_correct_stage_with_disk_offload_writes_the_same_model(lm_project, monkeypatch):
     """The LM chain on a tiny GQA Llama through the stage CLIs: correct with runtime.offload=disk (streamed)
-    writes the same files as with offload=none, and leaves no spill folder behind."""
+    writes the same files as with offload=none, and leaves no spill folder behind. correct.return_memory's
+    default (null) returns freed memory to the OS with disk only; true or false says so in any mode."""
     import shutil
 
+    import stages.correct
     from stages import lm_prepare
     from test_lm_stages import run, run_structured, structured_params
 
+    returned = []
+    monkeypatch.setattr(stages.correct, "release_freed_memory_to_os", lambda: returned.append(True))
     assert run(lm_prepare, lm_project) == 0
     params = structured_params(lm_project)
     run_structured(lm_project, params, ("collect", "rank", "select", "correct"))
+    assert returned == []
     pruned = lm_project / "data/lm/pruned"
     shutil.move(pruned, lm_project / "in_memory")
     run_structured(lm_project, params, ("correct",), "--set", "runtime.offload=disk")
+    assert returned == [True]
     assert json.loads((lm_project / "metrics/lm/correct.json").read_text())["offload"] == "disk"
     assert not list(pruned.parent.glob(".*spill*"))
     written = sorted(str(f.relative_to(pruned)) for f in pruned.rglob("*") if f.is_file())
@@ -152,3 +158,7 @@ def test_correct_stage_with_disk_offload_writes_the_same_model(lm_project):
     assert "model.safetensors" in written and "plain/model.safetensors" in written
     for rel in written:
         assert (pruned / rel).read_bytes() == (lm_project / "in_memory" / rel).read_bytes(), rel
+    for setting, calls in (("false", 1), ("true", 2)):  # in-memory mode: only when asked for
+        shutil.rmtree(pruned)
+        run_structured(lm_project, params, ("correct",), "--set", f"correct.return_memory={setting}")
+        assert len(returned) == calls

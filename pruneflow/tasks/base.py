@@ -100,6 +100,15 @@ class Task(ABC):
 
         return lazy_model(self.auto_class(), path, attn)
 
+    def load_shapes(self, path: str | Path) -> nn.Module:
+        """The model of `path` with no weights at all (parameters on the meta device): for what reads shapes only,
+        such as FLOP and parameter counts. A pruned folder (its shapes come from slicing) loads whole."""
+        from pruneflow.blockwalk import lazy_model
+
+        if is_pruned_dir(path):
+            return self.load_model(path)
+        return lazy_model(self.auto_class(), path, weights=False)
+
     @abstractmethod
     def calibration_batches(self, prepared: Path, tokenizer, c, device: str, max_samples: int | None = None,
                             token_cap: bool = True) -> Calibration:

@@ -54,7 +54,8 @@ class RuntimeParams(Section):
         "none", description="where the weights are while collect and the sequential correction walk the model "
                             "block by block: none = all on the device; cpu = in CPU memory, each block moved to "
                             "the device in turn; disk = only the running block's weights, read from the dense "
-                            "checkpoint's safetensors (pruneflow/blockwalk.py)")
+                            "checkpoint's safetensors (pruneflow/blockwalk.py); rank then reads one layer's "
+                            "weights at a time")
 
 
 class PrepareParams(Section):

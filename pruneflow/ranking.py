@@ -5,6 +5,8 @@ left after closed-form correction, so every method gets per-layer error curves f
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import torch
 from tqdm.auto import tqdm
@@ -41,15 +43,25 @@ def error_space(adapter: Adapter, i: int, name: str, W: torch.Tensor, st: Module
     return W.double(), float(torch.einsum("dn,nm,dm->", W.double(), st.cov, W.double()))
 
 
+def plans_globally(p: RankParams) -> bool:
+    """Whether rank.method (or rank.heads) searches the whole model at once (bonsai) rather than layer by layer."""
+    return METHODS[p.method].global_plan or METHODS[head_method_name(p)].global_plan
+
+
 def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: bool = True,
-               calibration=None, task=None, select=None, seq_len: int | None = None) -> dict:
+               calibration=None, task=None, select=None, seq_len: int | None = None,
+               layer_weights: Callable[[int], ContextManager] | None = None) -> dict:
     """Orders (least important first) and error curves for every layer and sublayer. A global method (bonsai)
     plans the whole model first (it needs the task, the select params and seq_len) and its kept units are
-    recorded in the ranking."""
+    recorded in the ranking. layer_weights(i): a context in which layer i's weights are in memory (a model on
+    the meta device, runtime.offload=disk: blockwalk.Residency.layer); layer-wise methods read no other layer."""
     methods = {"ffn": method_options(p, p.method), "attn": method_options(p, head_method_name(p))}
     ctx = RankContext(adapter, stats, p.seed, calibration, task, select, seq_len)
     plan = None
-    if methods["ffn"].global_plan or methods["attn"].global_plan:
+    if plans_globally(p):
+        if layer_weights is not None:
+            raise ValueError(f"rank.method={p.method} searches the whole model at once and needs its weights in "
+                             "memory: rank it with runtime.offload none or cpu")
         if type(methods["ffn"]) is not type(methods["attn"]):
             raise ValueError(f"rank.method={p.method} searches heads and neurons together: leave rank.heads=auto")
         plan = methods["ffn"].plan(ctx)
@@ -58,25 +70,31 @@ def rank_model(adapter: Adapter, stats: Statistics, p: RankParams, progress: boo
         # what the last layer's N×N temporaries (or a global plan's sub-models) freed goes back to the OS, so this
         # layer's do not come on top of it
         trim_freed_memory()
-        entry = {}
-        for name in SUBLAYERS:
-            st = ctx.sublayer_stats(i, name)
-            method = methods[name]
-            if plan is not None:
-                order = plan["order"][(i, name)]
-            else:
-                order = None if method.greedy else scoring.order_from_scores(method.scores(ctx, i, name))
-            units = adapter.units(name)
-            chunk = 1 if name == "attn" else max(1, math.ceil(p.chunk * units))
-            W = weight_of(adapter.out_proj(i, name))
-            W_eff, scale = error_space(adapter, i, name, W, st, p.norm_weighting)
-            cov, st = st.cov, None  # the Gram is not needed while the path runs
-            path = scoring.elimination_path(cov, W_eff, adapter.group_size(name), order, chunk, p.ridge)
-            entry[name] = {"units": units, "order": path.order, "removed": path.removed,
-                           "error": [e / scale for e in path.error], "scale": scale}
-        layers.append(entry)
+        with layer_weights(i) if layer_weights is not None else nullcontext():
+            layers.append(_rank_layer(ctx, methods, plan, p, i))
     out = {"method": p.method, "head_method": head_method_name(p), "layers": layers}
     if plan is not None:
         out |= {"keep_heads": plan["keep_heads"], "keep_neurons": plan["keep_neurons"], "rounds": plan["rounds"],
                 "budget": select.budget, "cost": select.cost}
     return out
+
+
+def _rank_layer(ctx: RankContext, methods: dict, plan: dict | None, p: RankParams, i: int) -> dict:
+    """Layer i's entry of the ranking: per sublayer, the removal order and the error left after each step."""
+    adapter, entry = ctx.adapter, {}
+    for name in SUBLAYERS:
+        st = ctx.sublayer_stats(i, name)
+        method = methods[name]
+        if plan is not None:
+            order = plan["order"][(i, name)]
+        else:
+            order = None if method.greedy else scoring.order_from_scores(method.scores(ctx, i, name))
+        units = adapter.units(name)
+        chunk = 1 if name == "attn" else max(1, math.ceil(p.chunk * units))
+        W = weight_of(adapter.out_proj(i, name))
+        W_eff, scale = error_space(adapter, i, name, W, st, p.norm_weighting)
+        cov, st = st.cov, None  # the Gram is not needed while the path runs
+        path = scoring.elimination_path(cov, W_eff, adapter.group_size(name), order, chunk, p.ridge)
+        entry[name] = {"units": units, "order": path.order, "removed": path.removed,
+                       "error": [e / scale for e in path.error], "scale": scale}
+    return entry

@@ -439,3 +439,30 @@ def test_select_on_a_model_without_weights_selects_the_same(family, tmp_path):
         real = select_units(model, ad, ranking, p, make_cost(cost, 10), 10)
         assert select_units(shapes, get_adapter(shapes), ranking, p, make_cost(cost, 10), 10) == real
     assert not make_cost("flops", 10).reads_weights and make_cost("nonzeros", 10).reads_weights
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rank_one_layer_at_a_time_from_disk_ranks_the_same(family, tmp_path):
+    """rank with runtime.offload=disk: the model on the meta device, each layer's weights read from the
+    checkpoint while that layer is ranked (blockwalk.Residency.layer) and dropped after: the same ranking as the
+    model in memory, for every layer-wise method, and no weight left in memory. A global search refuses."""
+    from pruneflow.blockwalk import Residency
+    from pruneflow.modeling import is_token_level
+    from pruneflow.params import RankParams
+    from pruneflow.ranking import rank_model
+    from pruneflow.stats import collect_statistics
+    from pruneflow.tasks import get_task
+
+    model = FACTORIES[family]()
+    model.save_pretrained(tmp_path)
+    lazy = get_task("causal_lm" if is_token_level(model) else "classification").load_lazy(tmp_path)
+    ad, lazy_ad = get_adapter(model), get_adapter(lazy)
+    stats = collect_statistics(model, ad, [tiny_inputs(seed=s) for s in (1, 2)])
+    layer_weights = Residency(lazy, lazy_ad, "cpu", "disk").layer
+    for method in ("obs", "activation", "magnitude", "kcm"):
+        p = RankParams(method=method, chunk=0.1)
+        expected = rank_model(ad, stats, p, progress=False)
+        assert rank_model(lazy_ad, stats, p, progress=False, layer_weights=layer_weights) == expected, method
+    assert all(t.is_meta for t in lazy_ad.layers().parameters())
+    with pytest.raises(ValueError, match="whole model"):
+        rank_model(lazy_ad, stats, RankParams(method="bonsai"), progress=False, layer_weights=layer_weights)

@@ -131,8 +131,9 @@ def test_streamed_plain_checkpoint_equals_save_pretrained(tmp_path):
 
 
 def test_correct_stage_with_disk_offload_writes_the_same_model(lm_project, monkeypatch):
-    """The LM chain on a tiny GQA Llama through the stage CLIs: correct with runtime.offload=disk (streamed)
-    writes the same files as with offload=none, and leaves no spill folder behind. correct.return_memory's
+    """The LM chain on a tiny GQA Llama through the stage CLIs: rank with runtime.offload=disk (one layer's
+    weights at a time) writes the same ranking, and correct (streamed) the same files as with offload=none, and
+    leaves no spill folder behind. correct.return_memory's
     default (null) returns freed memory to the OS with disk only; true or false says so in any mode."""
     import shutil
 
@@ -146,6 +147,11 @@ def test_correct_stage_with_disk_offload_writes_the_same_model(lm_project, monke
     params = structured_params(lm_project)
     run_structured(lm_project, params, ("collect", "rank", "select", "correct"))
     assert returned == []
+    ranking = lm_project / "data/lm/rank/ranking.json"
+    in_memory_ranking = ranking.read_bytes()
+    run_structured(lm_project, params, ("rank",), "--set", "runtime.offload=disk")  # layer by layer from disk
+    assert ranking.read_bytes() == in_memory_ranking
+    assert json.loads((lm_project / "metrics/lm/rank.json").read_text())["offload"] == "disk"
     pruned = lm_project / "data/lm/pruned"
     shutil.move(pruned, lm_project / "in_memory")
     run_structured(lm_project, params, ("correct",), "--set", "runtime.offload=disk")

@@ -7,8 +7,8 @@ process that has imported a stage and built the model with no weights (the floor
     python3 -m benchmarks.offload --random .gpu --device cuda --modes none cpu disk   (a lent GPU machine)
 
 disk-heap is disk with correct.return_memory=false: correct then leaves freed memory to glibc's heap, as the other
-modes do (faster, a higher peak). Needs `make lm` up to select (data/lm/dense, data/lm/prepared, data/lm/select). --random DIR builds a model of
-the same shape with random weights from DIR/config.json (plus DIR's tokenizer, windows.safetensors and
+modes do (faster, a higher peak). Needs `make lm` up to select (data/lm/dense, data/lm/prepared, data/lm/select).
+--random DIR builds a model of the same shape with random weights from DIR/config.json (plus DIR's tokenizer, windows.safetensors and
 selection.json): the real checkpoint is too large to carry to a GPU machine. The stages write into a scratch
 project; nothing under data/ changes. Statistics and corrected weights are compared across modes (they must
 agree: offload moves weights, it does not change the arithmetic). Writes metrics/lm/offload.json (real model

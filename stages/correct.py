@@ -3,10 +3,11 @@
 reads   data/dense, data/stats, data/select/selection.json, data/prepared/calib.jsonl (sequential only)
 writes  data/pruned/ (model.safetensors, dense config.json, manifest.json, tokenizer; plus plain/, an ordinary
         Hugging Face checkpoint, when the shape allows: a uniformly pruned Llama-family decoder), metrics/correct.json
-params  correct (correct.return_memory: lower peak memory for more time; by default with offload=disk), collect (tokenization of calibration text, sequential only), task, runtime (runtime.offload: with
-        disk and the sequential correction, neither model is ever whole in memory: the dense side reads each block
-        from data/dense as it runs, the pruned side reads each layer, slices and refits it, and writes it to a
-        spill folder beside data/pruned, from which the model is saved one tensor at a time)
+params  correct (return_memory: a lower peak for more time, by default with offload=disk), collect (tokenization of
+        calibration text, sequential only), task, runtime (runtime.offload: with disk and the sequential
+        correction, neither model is ever whole in memory: the dense side reads each block from data/dense as it
+        runs, the pruned side reads each layer, slices and refits it, and writes it to a spill folder beside
+        data/pruned, from which the model is saved one tensor at a time)
 Each pruned sublayer's output projection (and bias, where it has one) is refit so that it reproduces the dense
 sublayer's output on calibration data (pruneflow/correction.py). correct.sequential=true refits each layer on
 the inputs of the already-pruned model, with targets from the dense one (pruneflow/sequential.py). The model

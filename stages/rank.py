@@ -1,10 +1,10 @@
 """rank: order every prunable unit (attention heads, FFN neurons) of every layer, least important first.
 
-reads   data/dense (weights; with runtime.offload=disk one layer's at a time), data/stats (calibration statistics), the task's calibration data (forward-only
-        methods run the model on it)
+reads   data/dense (weights; with runtime.offload=disk one layer's at a time), data/stats (calibration
+        statistics), the task's calibration data (forward-only methods run the model on it)
 writes  data/rank/ranking.json, metrics/rank.json
-params  rank, task, collect (tokenization of calibration text), runtime (offload=disk: layer by layer); select (budget, cost, seq_len) for a
-        global method (bonsai) that meets the budget itself
+params  rank, task, collect (tokenization of calibration text), runtime (offload=disk: layer by layer); select
+        (budget, cost, seq_len) for a global method (bonsai) that meets the budget itself
 rank.method names a registered method (pruneflow/methods/: obs, kcm, activation, magnitude, random, bonsai). Each
 layer's order comes with its error curve (pruneflow/ranking.py), which select uses to spend the budget.
 """

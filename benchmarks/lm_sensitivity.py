@@ -41,9 +41,8 @@ def allocation(sens: list[float], uniform: list[int], lam: float, dense: int, fl
     """n_i ∝ 1 + λ z_i (z: standardised sensitivity, clipped to ±2), with the uniform allocation's total."""
     s = np.asarray(sens)
     z = np.clip((s - s.mean()) / max(s.std(), 1e-12), -2, 2)
-    total = sum(uniform)
-    n = np.clip(np.round(np.mean(uniform) * (1 + lam * z) * total / (np.mean(uniform) * (1 + lam * z)).sum()),
-                floor, dense).astype(int)
+    total, weight = sum(uniform), 1 + lam * z
+    n = np.clip(np.round(total * weight / weight.sum()), floor, dense).astype(int)
     for i in np.argsort(-z) if n.sum() < total else np.argsort(z):  # settle the rounding on the extremes
         step = int(np.clip(total - n.sum(), floor - n[i], dense - n[i]))
         n[i] += step

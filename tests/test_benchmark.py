@@ -97,3 +97,26 @@ def test_sensitivity_allocation_keeps_the_total_and_the_bounds(lam):
     assert all(n[a] <= n[b] for a, b in zip(order, order[1:]))  # monotone in the sensitivity
     if lam == 0:
         assert n == uniform
+
+
+def test_calibration_benchmark_windows_follow_the_pipeline_rule_and_hold_out_the_rest():
+    """benchmarks.lm_calibration: n refit windows are chosen by the pipeline's own rule (so n = lm.calib_windows
+    gives the pipeline's windows), and the held-out check uses only windows no refit saw."""
+    import torch
+
+    from benchmarks.lm_calibration import held_out, parse_point, spaced
+    from pruneflow.lm_assets import calibration_windows
+
+    class Tokens:  # a tokenizer whose ids are the characters' codes
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    texts = ["abcdefghijklmnopqrstuvwxyz" * 7, "ABCDEFGHIJKLMNOPQRSTUVWXYZ" * 5]
+    pool = torch.cat([torch.tensor([ord(c) for c in t[: len(t) // 10 * 10]]).view(-1, 10) for t in texts])
+    assert torch.equal(pool[spaced(len(pool), 9)], calibration_windows(Tokens(), texts, 10, 9, None))
+    fits = {n: set(spaced(len(pool), n)) for n in (4, 9)}
+    check = held_out(len(pool), fits[4] | fits[9], 5)
+    assert len(check) == 5 and not set(check) & (fits[4] | fits[9])
+    with pytest.raises(ValueError, match="left for the held-out check"):
+        held_out(len(pool), fits[9], len(pool))
+    assert parse_point("0.8:9") == (0.8, 9) and parse_point("0.7") == (0.7, None)

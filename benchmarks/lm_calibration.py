@@ -1,0 +1,136 @@
+"""How much calibration text the LM's sequential refit needs: the default pipeline with the refit on more
+windows of the calibration novels than `lm.calib_windows`, held-out perplexity and a paired test.
+
+    python -m benchmarks.lm_calibration                         # after `make lm` (about 35 minutes)
+    python -m benchmarks.lm_calibration --points 0.7 --windows 64 128
+
+Why: with the default 64 windows the refit fits its own windows almost perfectly and the rest far less well.
+At 0.8 of the FLOPs (9 heads) the NLL rise on 16 of its own windows is 0.023 nats, on 16 windows of the same
+novels it never saw 0.20, and on the held-out novel 0.28; a larger ridge only makes every figure worse (1e-3, 1e-2,
+1e-1: 49.26, 50.62, 61.06 against 49.01). The refit has 576 + ~950 inputs per layer and 30 layers in a chain,
+each absorbing the drift of those before it, and 64 windows are too few to pin that down.
+
+Each point is the default pipeline (lm/params.yaml: obs ranking from the committed statistics of 64 windows,
+uniform allocation, sequential lstsq) with only the refit's windows changed: n windows evenly spaced over all
+the windows of the calibration novels (the pipeline's own rule, `lm_assets.calibration_windows`; n = 64 gives the
+pipeline's windows). A point is `budget` or `budget:heads` (select.uniform_heads). Reported per point and n:
+perplexity on the held-out novel (the pipeline's 40 eval windows), next-token agreement, the NLL rise on 16
+windows of the calibration novels that no refit saw, the refit's seconds, and a paired bootstrap over the eval
+windows (per-window NLL) against n = 64. Writes metrics/lm/calibration.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pruneflow import sweep
+from pruneflow.artifacts import write_json
+from pruneflow.cost import make_cost
+from pruneflow.lm_assets import read_texts, token_windows
+from pruneflow.params import load_params
+from pruneflow.pruning import prune_to_selection
+from pruneflow.runtime import Layout, setup_logging
+from pruneflow.selection import resolve_seq_len, select_units
+from pruneflow.sequential import DenseTrace
+from pruneflow.stats_tests import paired_bootstrap
+from pruneflow.tasks.causal_lm import read_windows, window_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spaced(n_pool: int, n: int) -> list[int]:
+    """n indices evenly spaced over n_pool windows (lm_assets.calibration_windows' rule)."""
+    return torch.linspace(0, n_pool - 1, n).round().long().tolist()
+
+
+def held_out(n_pool: int, used: set[int], n: int) -> list[int]:
+    """n windows evenly spaced over those no refit uses."""
+    free = [i for i in range(n_pool) if i not in used]
+    if len(free) < n:
+        raise ValueError(f"only {len(free)} calibration windows are left for the held-out check; use fewer windows")
+    return [free[j] for j in spaced(len(free), n)]
+
+
+def parse_point(text: str) -> tuple[float, int | None]:
+    budget, _, heads = text.partition(":")
+    return float(budget), (int(heads) if heads else None)
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--points", nargs="+", default=["0.8:9", "0.7"],
+                    help="budget or budget:heads (select.uniform_heads); default: 0.8 with its better 9 heads, and "
+                         "the pipeline's default 0.7")
+    ap.add_argument("--windows", type=int, nargs="+", default=[64, 256], help="refit windows; the first is the "
+                                                                              "reference of the paired tests")
+    ap.add_argument("--held-out", type=int, default=16)
+    args = ap.parse_args()
+    setup_logging()
+    layout = Layout(ROOT, "data/lm", "metrics/lm", "plots/lm")
+    base = load_params(ROOT / "lm/params.yaml")
+    lm = load_params(ROOT / "params.yaml").lm  # the LM's assets and windows are declared there (lm_prepare)
+    ctx = sweep.context(base, layout)
+    texts = read_texts(lm.text, ROOT / lm.text_path, lm.calib_texts)
+    pool = torch.cat([token_windows(ctx.tokenizer, [t], lm.window, None) for t in texts])
+    if not torch.equal(pool[spaced(len(pool), lm.calib_windows)], read_windows(layout.prepared, "calib")):
+        raise SystemExit("data/lm/prepared does not hold lm.calib_windows evenly spaced windows: run `make lm` first")
+    fits = {n: spaced(len(pool), n) for n in args.windows}
+    check = pool[held_out(len(pool), set().union(*map(set, fits.values())), args.held_out)]
+    check_batches = lambda: window_batches(check, base.evaluate.batch_size, ctx.device)  # noqa: E731
+    dense_check = ctx.task.calibration_loss(ctx.model, check_batches(), None)
+    ranking = json.loads(layout.ranking.read_text())
+    seq_len = resolve_seq_len(base.select.seq_len, ctx.stats.info())
+    print(f"{len(pool)} windows of {lm.window} tokens in the calibration novels; {args.held_out} held out "
+          f"(dense perplexity {math.exp(dense_check):.2f} there)", flush=True)
+    rows = []
+    for point in args.points:
+        budget, heads = parse_point(point)
+        select = base.select.model_copy(update={"budget": budget, "uniform_heads": heads})
+        sel = select_units(ctx.model, ctx.adapter, ranking, select, make_cost(select.cost, seq_len, select.tolerance),
+                           seq_len)
+        reference = None
+        for n in args.windows:
+            windows = pool[fits[n]]
+            t0 = time.perf_counter()
+            trace = lambda: DenseTrace(ctx.model, list(window_batches(windows, base.collect.batch_size, ctx.device)),  # noqa: E731
+                                       ctx.device)
+            model, _, _ = prune_to_selection(ctx.model, ctx.stats, sel, base.correct, ctx.device, trace)
+            seconds = time.perf_counter() - t0
+            rise = ctx.task.calibration_loss(model, check_batches(), None) - dense_check
+            q, items = ctx.task.compare(ctx.reference, model, base.evaluate, ctx.device)
+            del model
+            nll = np.asarray(items["perplexity_pruned"])
+            row = {"budget": budget, "heads": sel["heads_per_layer"][0], "neurons": sel["neurons_per_layer"][0],
+                   "flops_ratio": sel["flops_ratio"], "windows": n, "refit_seconds": round(seconds, 1),
+                   "perplexity_dense": q["perplexity_dense"], "perplexity_pruned": q["perplexity_pruned"],
+                   "perplexity_ratio": q["perplexity_ratio"], "next_token_agreement": q["next_token_agreement"],
+                   "held_out_calib_nll_rise": rise,
+                   "vs_first_nll": None if reference is None else paired_bootstrap(nll, reference)}
+            reference = nll if reference is None else reference
+            rows.append(row)
+            print(f"budget {budget} ({row['heads']} heads, {row['neurons']} neurons), {n} windows: perplexity "
+                  f"{row['perplexity_pruned']:.2f} (ratio {row['perplexity_ratio']:.3f}), held-out calibration "
+                  f"rise {rise:.4f} nats, refit {seconds:.0f} s", flush=True)
+    write_json(layout.metrics / "calibration.json",
+               {"held_out_windows": args.held_out, "window": lm.window, "pool_windows": len(pool),
+                "held_out_dense_perplexity": math.exp(dense_check), "rows": rows})
+    print(f"\n{'budget':>6} {'heads':>5} {'windows':>7} {'perplexity':>10} {'ratio':>6} {'agreement':>9} "
+          f"{'held-out rise':>13} {'ΔNLL vs first [95% CI]':>30} {'p':>7}")
+    for r in rows:
+        b = r["vs_first_nll"]
+        ci = f"{b['mean_diff']:+.4f} [{b['ci_low']:+.4f}, {b['ci_high']:+.4f}]" if b else ""
+        print(f"{r['budget']:6.2f} {r['heads']:5d} {r['windows']:7d} {r['perplexity_pruned']:10.2f} "
+              f"{r['perplexity_ratio']:6.3f} {100 * r['next_token_agreement']:8.1f}% {r['held_out_calib_nll_rise']:13.4f} "
+              f"{ci:>30} {b['p_value'] if b else '':>7}")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ the windows of the calibration novels (the pipeline's own rule, `lm_assets.calib
 pipeline's windows). A point is `budget` or `budget:heads` (select.uniform_heads). Reported per point and n:
 perplexity on the held-out novel (the pipeline's 40 eval windows), next-token agreement, the NLL rise on 16
 windows of the calibration novels that no refit saw, the refit's seconds, and a paired bootstrap over the eval
-windows (per-window NLL) against n = 64. Writes metrics/lm/calibration.json and prints a table.
+windows (per-window NLL) against n = 64. Writes metrics/lm/calibration.json (or --out) and prints a table.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, nargs="+", default=[64, 256], help="refit windows; the first is the "
                                                                               "reference of the paired tests")
     ap.add_argument("--held-out", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=ROOT / "metrics/lm/calibration.json")
     args = ap.parse_args()
     setup_logging()
     layout = Layout(ROOT, "data/lm", "metrics/lm", "plots/lm")
@@ -119,7 +120,7 @@ def main() -> None:
             print(f"budget {budget} ({row['heads']} heads, {row['neurons']} neurons), {n} windows: perplexity "
                   f"{row['perplexity_pruned']:.2f} (ratio {row['perplexity_ratio']:.3f}), held-out calibration "
                   f"rise {rise:.4f} nats, refit {seconds:.0f} s", flush=True)
-    write_json(layout.metrics / "calibration.json",
+    write_json(args.out,
                {"held_out_windows": args.held_out, "window": lm.window, "pool_windows": len(pool),
                 "held_out_dense_perplexity": math.exp(dense_check), "rows": rows})
     print(f"\n{'budget':>6} {'heads':>5} {'windows':>7} {'perplexity':>10} {'ratio':>6} {'agreement':>9} "

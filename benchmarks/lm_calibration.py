@@ -33,7 +33,7 @@ import torch
 from pruneflow import sweep
 from pruneflow.artifacts import write_json
 from pruneflow.cost import make_cost
-from pruneflow.lm_assets import read_texts, token_windows
+from pruneflow.lm_assets import read_texts, spaced, window_pool  # the pipeline's own window rule
 from pruneflow.params import load_params
 from pruneflow.pruning import prune_to_selection
 from pruneflow.runtime import Layout, setup_logging
@@ -43,11 +43,6 @@ from pruneflow.stats_tests import paired_bootstrap
 from pruneflow.tasks.causal_lm import read_windows, window_batches
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def spaced(n_pool: int, n: int) -> list[int]:
-    """n indices evenly spaced over n_pool windows (lm_assets.calibration_windows' rule)."""
-    return torch.linspace(0, n_pool - 1, n).round().long().tolist()
 
 
 def held_out(n_pool: int, used: set[int], n: int) -> list[int]:
@@ -80,7 +75,7 @@ def main() -> None:
     lm = load_params(ROOT / "params.yaml").lm  # the LM's assets and windows are declared there (lm_prepare)
     ctx = sweep.context(base, layout)
     texts = read_texts(lm.text, ROOT / lm.text_path, lm.calib_texts)
-    pool = torch.cat([token_windows(ctx.tokenizer, [t], lm.window, None) for t in texts])
+    pool = window_pool(ctx.tokenizer, texts, lm.window)
     if not torch.equal(pool[spaced(len(pool), lm.calib_windows)], read_windows(layout.prepared, "calib")):
         raise SystemExit("data/lm/prepared does not hold lm.calib_windows evenly spaced windows: run `make lm` first")
     fits = {n: spaced(len(pool), n) for n in args.windows}

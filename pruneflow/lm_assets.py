@@ -182,10 +182,20 @@ def read_texts(kind: str, path: str | Path, names: list[str]) -> list[str]:
     return texts
 
 
+def window_pool(tokenizer, texts: list[str], length: int, max_positions: int | None = None) -> torch.Tensor:
+    """Every non-overlapping window of each text, text after text (no window spans two texts)."""
+    return torch.cat([token_windows(tokenizer, [t], length, None, max_positions) for t in texts])
+
+
+def spaced(n_pool: int, count: int) -> list[int]:
+    """`count` indices evenly spaced over `n_pool` windows, first and last included."""
+    return torch.linspace(0, n_pool - 1, count).round().long().tolist()
+
+
 def calibration_windows(tokenizer, texts: list[str], length: int, count: int, max_positions: int | None) -> torch.Tensor:
     """`count` windows evenly spaced over all the windows of every text (so each text contributes)."""
-    pool = torch.cat([token_windows(tokenizer, [t], length, None, max_positions) for t in texts])
+    pool = window_pool(tokenizer, texts, length, max_positions)
     if len(pool) < count:
         raise AssetError(f"the calibration texts hold {len(pool)} windows of {length} tokens, fewer than "
                          f"lm.calib_windows={count}; lower it or the window, or add text")
-    return pool[torch.linspace(0, len(pool) - 1, count).round().long()]
+    return pool[spaced(len(pool), count)]

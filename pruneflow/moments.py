@@ -82,8 +82,9 @@ class Accumulator:
         self.n, self.stt = 0, 0.0
         self.shift_x = self.shift_t = self.sx = self.st = self.sxx = self.stx = None
 
-    def add(self, x: torch.Tensor, t: torch.Tensor | None = None) -> None:
-        """x: (tokens, K); t: (tokens, d) or None."""
+    def add(self, x: torch.Tensor, t: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> None:
+        """x: (tokens, K); t: (tokens, d) or None; weight: (tokens,) ≥ 0, each row counted `weight` times (None:
+        once each). With weights, n is the weights' sum, so every moment is the weighted mean."""
         x = x.float()
         if x.shape[0] == 0:
             return
@@ -98,16 +99,19 @@ class Accumulator:
             self.shift_t = coarse_mean(t)
             self.st, self.stx = torch.zeros(t.shape[1], **f64), torch.zeros(t.shape[1], x.shape[1], **f64)
         c = x - self.shift_x.float()
-        self.n += x.shape[0]
-        self.sx += c.sum(0).double()
-        add_gram(self.sxx, c)  # float32 products, added in float64 (promoted in place: no float64 temporary)
+        w = None if weight is None else weight.float().to(x.device)[:, None]
+        self.n += x.shape[0] if w is None else float(w.sum())
+        self.sx += (c if w is None else w * c).sum(0).double()
+        # float32 products, added in float64 (promoted in place: no float64 temporary); Σ w ccᵀ = (√w c)ᵀ(√w c)
+        add_gram(self.sxx, c if w is None else w.sqrt() * c)
         if self.st is not None:
             if t is None:
                 raise ValueError("this accumulator has targets: every batch needs them")
             ct = t.float() - self.shift_t.float()
-            self.st += ct.sum(0).double()
-            self.stx += ct.T @ c
-            self.stt += float((ct.double() ** 2).sum())
+            wct = ct if w is None else w * ct
+            self.st += wct.sum(0).double()
+            self.stx += wct.T @ c
+            self.stt += float((ct.double() ** 2).sum() if w is None else (wct.double() * ct.double()).sum())
 
     @property
     def empty(self) -> bool:

@@ -157,6 +157,8 @@ class CorrectParams(Section):
                                                "(ignored by method none, which fits nothing)")
     ridge: float = Field(1e-2, ge=0, description="ridge relative to the mean diagonal of the kept covariance")
     max_samples: int | None = Field(None, ge=1, description="sequential: use at most this many calibration sentences")
+    first_token_weight: float = Field(1.0, gt=0, description="sequential: each sequence's first token counts this many "
+                                      "times in the refit (decoders build their attention sink there)")
     return_memory: bool | None = Field(None, description="mmap large buffers so freed memory goes back to the OS "
                                        "(a lower peak RSS; the refit is 1.3-1.5x slower on CPU); null: only with "
                                        "runtime.offload=disk, the mode for models that barely fit")

@@ -41,7 +41,8 @@ def prune_to_selection(dense_model: nn.Module, stats: Statistics, sel: dict, p: 
         else:
             pruned_model = dense_model
             layers = StreamedLayers(pruned_model, plan.keep_heads, plan.keep_neurons, spill_dir, device)
-        report = correct_sequential(pruned_model, p.method, p.ridge, dense_trace(), device, layers)
+        report = correct_sequential(pruned_model, p.method, p.ridge, dense_trace(), device, layers,
+                                    first_token_weight=p.first_token_weight)
     else:
         pruned_model = plan.apply(copy.deepcopy(dense_model))
         keep = {"attn": sel["keep_heads"], "ffn": sel["keep_neurons"]}

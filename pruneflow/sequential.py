@@ -178,17 +178,36 @@ class StreamedLayers:
         self.disk.spill(self.model, layer, self.spill_dir / f"layer-{i:03d}.safetensors")
 
 
+def first_token_weights(mask: torch.Tensor, shape: torch.Size, weight: float,
+                        rows: torch.Tensor | None) -> torch.Tensor | None:
+    """Per real token of a (B, T) batch, in token_rows order: `weight` at each sequence's first real token, 1
+    elsewhere; None when weight is 1 (the unweighted fit, unchanged). mask: the batch's (B*T,) real-token mask."""
+    if weight == 1.0:
+        return None
+    real = mask.view(shape)
+    grid = torch.ones(shape, device=mask.device)
+    grid[torch.arange(shape[0], device=mask.device), real.int().argmax(1)] = weight
+    grid = grid.reshape(-1)
+    return grid if rows is None else grid.index_select(0, rows)
+
+
 @torch.inference_mode()
 def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrace, device: str,
-                       layers: SlicedLayers | StreamedLayers | None = None) -> list[dict]:
+                       layers: SlicedLayers | StreamedLayers | None = None, first_token_weight: float = 1.0
+                       ) -> list[dict]:
     """Refit every pruned layer in order against the dense model's `trace` (see the module docstring).
-    layers: where the pruned layers come from (default: `pruned_model` is sliced and in memory)."""
+    layers: where the pruned layers come from (default: `pruned_model` is sliced and in memory).
+    first_token_weight: each sequence's first token counts this many times in every fit. A decoder builds its
+    attention sink there (SmolLM2: a massive activation, residual RMS about 940 against 5-30, that later layers'
+    attention relies on), one token in 512 that an unweighted fit can get wrong for first tokens it never saw."""
     pruned = get_adapter(pruned_model)
     post = pruned.post_norm
     layers = layers or SlicedLayers(pruned_model, device, trace.offload)
     h_pruned = trace.inputs()  # replaced batch by batch, never written in place: no copy needed
     streams = trace.streams
     rows = [token_rows(s[3]) for s in streams]  # real tokens per batch (None: all, nothing to gather)
+    weights = [first_token_weights(s[3], h.shape[:2], first_token_weight, r)
+               for s, h, r in zip(streams, h_pruned, rows)]
     report = []
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
         trim_freed_memory()  # what slicing freed, then each finished layer's targets and kept activations
@@ -222,7 +241,7 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                         residual = cap.values["r"]
                         x = cap.values["x"] if out is not None else residual[..., :0]
                     t = target[name][b] - residual  # the dense value minus the pruned residual
-                    acc.add(gather_rows(x, rows[b]), gather_rows(t, rows[b]))
+                    acc.add(gather_rows(x, rows[b]), gather_rows(t, rows[b]), weights[b])
                     if name == "ffn":
                         kept.append(x)
                         h_pruned[b] = residual  # the layer input is spent: the FFN's residual takes its place

@@ -120,3 +120,20 @@ def test_calibration_benchmark_windows_follow_the_pipeline_rule_and_hold_out_the
     with pytest.raises(ValueError, match="left for the held-out check"):
         held_out(len(pool), fits[9], len(pool))
     assert parse_point("0.8:9") == (0.8, 9) and parse_point("0.7") == (0.7, None)
+
+
+def test_calibration_benchmark_first_token_rms_reads_the_residual_stream_at_the_first_token():
+    """benchmarks.lm_calibration's sink check: per window, the RMS of hidden_states[layer] at position 0, batch
+    by batch, the same as one forward over all windows."""
+    import torch
+
+    from benchmarks.lm_calibration import first_token_rms
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama(layers=2).eval()
+    windows = torch.randint(0, model.config.vocab_size, (5, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(input_ids=windows, output_hidden_states=True).hidden_states[1][:, 0].double()
+    got = first_token_rms(model, windows, 1, 2, "cpu")
+    assert got.shape == (5,)
+    torch.testing.assert_close(got, hidden.pow(2).mean(-1).sqrt(), rtol=1e-5, atol=1e-6)

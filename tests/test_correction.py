@@ -293,3 +293,24 @@ def test_unknown_method_raises():
     for method in METHODS:
         assert method in str(info.value)
     assert correction.METHODS == ("none", "bias", "rescale", "lstsq")
+
+
+def test_weighted_rows_count_as_repeated_rows():
+    """Accumulator.add(weight=w): a row of integer weight w gives the moments of that row repeated w times, for
+    the centered and the uncentered moments alike; weight None is the unweighted sum."""
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(40, 6, generator=g) + 2.0, torch.randn(40, 4, generator=g) - 1.0
+    w = torch.randint(1, 5, (40,), generator=g)
+    weighted, repeated = Accumulator(), Accumulator()
+    for a, b in ((0, 17), (17, 40)):  # in two batches, as the refit streams them
+        weighted.add(x[a:b], t[a:b], w[a:b].float())
+        repeated.add(x[a:b].repeat_interleave(w[a:b], 0), t[a:b].repeat_interleave(w[a:b], 0))
+    mw, mr = weighted.moments(), repeated.moments()
+    assert mw.n == pytest.approx(mr.n) == int(w.sum())
+    for name in ("mean_x", "mean_t", "cov_xx", "cov_tx", "second_xx", "second_tx"):
+        torch.testing.assert_close(getattr(mw, name), getattr(mr, name), rtol=1e-5, atol=1e-5)
+    assert mw.cov_tt_trace == pytest.approx(mr.cov_tt_trace, rel=1e-5)
+    plain, ones = Accumulator(), Accumulator()
+    plain.add(x, t)
+    ones.add(x, t, None)
+    assert torch.equal(plain.moments().cov_xx, ones.moments().cov_xx)

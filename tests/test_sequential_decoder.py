@@ -248,3 +248,46 @@ def test_a_kept_trace_serves_several_models_as_fresh_traces_do(tok, family):
             results.append(pruned.state_dict())
         for k, v in results[0].items():
             assert torch.equal(v, results[1][k]), (seed, k)
+
+
+def test_first_token_weights_mark_each_sequences_first_real_token():
+    """The refit's first-token weight lands on each sequence's first real token (left or right padding), in the
+    order of the gathered real-token rows; weight 1 is no weighting at all."""
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool).reshape(-1)
+    rows = mask.nonzero().squeeze(1)
+    w = sequential.first_token_weights(mask, torch.Size([3, 4]), 8.0, rows)
+    assert w.tolist() == [8, 1, 1, 8, 1, 1, 8, 1, 1, 1]
+    full = torch.ones(8, dtype=torch.bool)
+    assert sequential.first_token_weights(full, torch.Size([2, 4]), 3.0, None).tolist() == [3, 1, 1, 1, 3, 1, 1, 1]
+    assert sequential.first_token_weights(mask, torch.Size([3, 4]), 1.0, rows) is None
+
+
+@pytest.mark.parametrize("weight", [1.0, 16.0])
+def test_first_token_weight_reaches_every_fit_and_keeps_exact_refits_exact(tok, weight, monkeypatch):
+    """Every fit of the refit gets the weights (16 at each first token), and a refit that can be exact (kept
+    units duplicate the pruned ones) stays exact under any weighting."""
+    dense = factory("llama")(layers=3)
+    ad = get_adapter(dense)
+    dh = ad.head_dim
+    with torch.no_grad():
+        for i in range(ad.num_layers):
+            q = ad.attn_in(i)[0]
+            for h in range(1, ad.dense_heads, 2):
+                q.weight[h * dh:(h + 1) * dh] = q.weight[(h - 1) * dh:h * dh]
+            for lin in ad.ffn_in(i):
+                lin.weight[1::2] = lin.weight[0::2]
+    seen = []
+    add = sequential.Accumulator.add
+    monkeypatch.setattr(sequential.Accumulator, "add", lambda self, x, t=None, weight=None: (
+        seen.append((x.shape[0], None if weight is None else weight.clone())), add(self, x, t, weight))[1])
+    pruned = Plan([list(range(0, ad.dense_heads, 2))] * ad.num_layers,
+                  [list(range(0, ad.dense_neurons, 2))] * ad.num_layers).apply(copy.deepcopy(dense))
+    sequential.correct_sequential(pruned, "lstsq", 0.0, trace(dense, tok), "cpu", first_token_weight=weight)
+    assert len(seen) == 2 * ad.num_layers * -(-len(CALIB) // 16)
+    for rows, w in seen:
+        if weight == 1.0:
+            assert w is None
+        else:
+            firsts = int((w == weight).sum())
+            assert w.shape == (rows,) and firsts == 16 and int((w == 1).sum()) == rows - firsts  # 16 texts a batch
+    torch.testing.assert_close(logits(pruned, tok), logits(dense, tok), rtol=1e-5, atol=1e-5)

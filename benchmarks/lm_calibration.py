@@ -145,7 +145,8 @@ def main() -> None:
                    "held_out_calib_nll_rise": rise, "eval_windows_sink_lost": lost,
                    "worst_eval_window": {"index": worst, "nll": float(nll[worst]), "nll_dense": float(dense_nll[worst]),
                                          "nll_first": None if reference is None else float(reference[worst])},
-                   "vs_first_nll": None if reference is None else paired_bootstrap(nll, reference)}
+                   "vs_first_nll": None if reference is None else paired_bootstrap(nll, reference),
+                   "eval_window_nll": nll.tolist()}  # for paired tests between any two rows
             reference = nll if reference is None else reference
             rows.append(row)
             # after every row (atomically), so an interrupted run keeps what it measured

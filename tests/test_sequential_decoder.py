@@ -88,11 +88,9 @@ def half_selection(ad, seed: int) -> dict:
     return {"keep_heads": heads, "keep_neurons": neurons}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pruned_copies_of_kept_units_are_refit_exactly(tok, family):
-    """Query head 2k+1 copies head 2k (same KV head: identical contexts) and neuron 2j+1 copies neuron 2j; keep
-    the even ones. The dense model is then exactly a pruned one with merged output columns."""
-    dense = factory(family)(layers=3)
+def duplicated_units(dense):
+    """(dense, pruned): each odd query head copies the even one before it (same KV group) and each odd neuron the
+    even one before it, so the model keeping the even ones can reproduce the dense model exactly."""
     ad = get_adapter(dense)
     assert ad.group == 2
     dh = ad.head_dim
@@ -107,7 +105,14 @@ def test_pruned_copies_of_kept_units_are_refit_exactly(tok, family):
                 lin.weight[1::2] = lin.weight[0::2]
     keep_heads = [list(range(0, ad.dense_heads, 2))] * ad.num_layers
     keep_neurons = [list(range(0, ad.dense_neurons, 2))] * ad.num_layers
-    pruned = Plan(keep_heads, keep_neurons).apply(copy.deepcopy(dense))
+    return dense, Plan(keep_heads, keep_neurons).apply(copy.deepcopy(dense))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_copies_of_kept_units_are_refit_exactly(tok, family):
+    """Query head 2k+1 copies head 2k (same KV head: identical contexts) and neuron 2j+1 copies neuron 2j; keep
+    the even ones. The dense model is then exactly a pruned one with merged output columns."""
+    dense, pruned = duplicated_units(factory(family)(layers=3))
     sliced = logits(pruned, tok)
     sequential.correct_sequential(pruned, "lstsq", 0.0, trace(dense, tok), "cpu")
     target = logits(dense, tok)
@@ -266,22 +271,12 @@ def test_first_token_weights_mark_each_sequences_first_real_token():
 def test_first_token_weight_reaches_every_fit_and_keeps_exact_refits_exact(tok, weight, monkeypatch):
     """Every fit of the refit gets the weights (16 at each first token), and a refit that can be exact (kept
     units duplicate the pruned ones) stays exact under any weighting."""
-    dense = factory("llama")(layers=3)
+    dense, pruned = duplicated_units(factory("llama")(layers=3))
     ad = get_adapter(dense)
-    dh = ad.head_dim
-    with torch.no_grad():
-        for i in range(ad.num_layers):
-            q = ad.attn_in(i)[0]
-            for h in range(1, ad.dense_heads, 2):
-                q.weight[h * dh:(h + 1) * dh] = q.weight[(h - 1) * dh:h * dh]
-            for lin in ad.ffn_in(i):
-                lin.weight[1::2] = lin.weight[0::2]
     seen = []
     add = sequential.Accumulator.add
     monkeypatch.setattr(sequential.Accumulator, "add", lambda self, x, t=None, weight=None: (
         seen.append((x.shape[0], None if weight is None else weight.clone())), add(self, x, t, weight))[1])
-    pruned = Plan([list(range(0, ad.dense_heads, 2))] * ad.num_layers,
-                  [list(range(0, ad.dense_neurons, 2))] * ad.num_layers).apply(copy.deepcopy(dense))
     sequential.correct_sequential(pruned, "lstsq", 0.0, trace(dense, tok), "cpu", first_token_weight=weight)
     assert len(seen) == 2 * ad.num_layers * -(-len(CALIB) // 16)
     for rows, w in seen:

@@ -187,8 +187,7 @@ def first_token_weights(mask: torch.Tensor, shape: torch.Size, weight: float,
     real = mask.view(shape)
     grid = torch.ones(shape, device=mask.device)
     grid[torch.arange(shape[0], device=mask.device), real.int().argmax(1)] = weight
-    grid = grid.reshape(-1)
-    return grid if rows is None else grid.index_select(0, rows)
+    return gather_rows(grid[..., None], rows)[:, 0]
 
 
 @torch.inference_mode()

@@ -4,6 +4,7 @@ windows of the calibration novels than `lm.calib_windows`, held-out perplexity a
     python -m benchmarks.lm_calibration                         # after `make lm` (about 35 minutes)
     python -m benchmarks.lm_calibration --points 0.7 --windows 64 128
     python -m benchmarks.lm_calibration --points 0.7 --windows 64 256 --first-token-weights 1 16
+    python -m benchmarks.lm_calibration --points 0.8:9 --windows 256 --tilts 0 0.25   # after lm_sensitivity
 
 Why: with the default 64 windows the refit fits its own windows almost perfectly and the rest far less well.
 At 0.8 of the FLOPs (9 heads) the NLL rise on 16 of its own windows is 0.023 nats, on 16 windows of the same
@@ -27,6 +28,11 @@ attention relies on. The refit on 128 windows (at 0.7) lost it on one eval windo
 model failed to build it from that window's first token (" if"), and that window's NLL went from 4.07 (64
 windows) to 9.76, more than the whole of 128's loss against 64. A sink counts as lost when the pruned model's
 first-token RMS at mid-depth is under half the dense model's.
+
+`--tilts` adds benchmarks/lm_sensitivity.py's non-uniform FFN allocation on top: layer i keeps n̄ (1 + λ z_i)
+neurons, z the standardised per-layer NLL rise of metrics/lm/sensitivity.json's probe (run at 0.8 with 9 heads; at
+any other point its z-scores are applied as they are, which makes that point a check of the tilt on a budget it
+was not chosen at). λ = 0 is the uniform allocation. FLOPs are unchanged (the total neuron count is kept).
 """
 
 from __future__ import annotations
@@ -48,10 +54,12 @@ from pruneflow.lm_assets import read_texts, spaced, window_pool  # the pipeline'
 from pruneflow.params import load_params
 from pruneflow.pruning import prune_to_selection
 from pruneflow.runtime import Layout, setup_logging
-from pruneflow.selection import resolve_seq_len, select_units
+from pruneflow.selection import keep_sets, resolve_seq_len, select_units
 from pruneflow.sequential import DenseTrace
 from pruneflow.stats_tests import paired_bootstrap
 from pruneflow.tasks.causal_lm import read_windows, window_batches
+
+from benchmarks.lm_sensitivity import allocation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +98,8 @@ def main() -> None:
                                                                               "reference of the paired tests")
     ap.add_argument("--first-token-weights", type=float, nargs="+", default=None,
                     help="correct.first_token_weight values to try at every window count (default: lm/params.yaml's)")
+    ap.add_argument("--tilts", type=float, nargs="+", default=[0.0],
+                    help="λ of the sensitivity-tilted FFN allocation (0: uniform); needs metrics/lm/sensitivity.json")
     ap.add_argument("--held-out", type=int, default=16)
     ap.add_argument("--out", type=Path, default=ROOT / "metrics/lm/calibration.json")
     args = ap.parse_args()
@@ -123,8 +133,10 @@ def main() -> None:
         sel = select_units(ctx.model, ctx.adapter, ranking, select, make_cost(select.cost, seq_len, select.tolerance),
                            seq_len)
         reference = None
-        for n, weight in itertools.product(args.windows, args.first_token_weights or [base.correct.first_token_weight]):
+        for n, weight, tilt in itertools.product(args.windows, args.first_token_weights or
+                                                 [base.correct.first_token_weight], args.tilts):
             windows = pool[fits[n]]
+            sel = tilted(sel, ranking, ctx.adapter, tilt, base.select.min_neurons)
             t0 = time.perf_counter()
             trace = lambda: DenseTrace(ctx.model, list(window_batches(windows, base.collect.batch_size, ctx.device)),  # noqa: E731
                                        ctx.device)
@@ -139,6 +151,7 @@ def main() -> None:
             worst = int(np.argmax(nll - dense_nll))
             row = {"budget": budget, "heads": sel["heads_per_layer"][0], "neurons": sel["neurons_per_layer"][0],
                    "flops_ratio": sel["flops_ratio"], "windows": n, "first_token_weight": weight,
+                   "tilt": tilt, "neurons_per_layer": sel["neurons_per_layer"],
                    "refit_seconds": round(seconds, 1),
                    "perplexity_dense": q["perplexity_dense"], "perplexity_pruned": q["perplexity_pruned"],
                    "perplexity_ratio": q["perplexity_ratio"], "next_token_agreement": q["next_token_agreement"],
@@ -155,18 +168,30 @@ def main() -> None:
                         "dense_first_token_rms": dense_sink.tolist(), "window": lm.window, "pool_windows": len(pool),
                         "held_out_dense_perplexity": math.exp(dense_check), "rows": rows})
             print(f"budget {budget} ({row['heads']} heads, {row['neurons']} neurons), {n} windows, first-token weight "
-                  f"{weight:g}: perplexity "
+                  f"{weight:g}, tilt {tilt:g}: perplexity "
                   f"{row['perplexity_pruned']:.2f} (ratio {row['perplexity_ratio']:.3f}), held-out calibration "
                   f"rise {rise:.4f} nats, refit {seconds:.0f} s, sink lost on eval windows {lost}", flush=True)
-    print(f"\n{'budget':>6} {'heads':>5} {'windows':>7} {'weight':>6} {'perplexity':>10} {'ratio':>6} {'agreement':>9} "
+    print(f"\n{'budget':>6} {'heads':>5} {'windows':>7} {'weight':>6} {'tilt':>5} {'perplexity':>10} {'ratio':>6} {'agreement':>9} "
           f"{'held-out rise':>13} {'ΔNLL vs first [95% CI]':>30} {'p':>7}  worst window: NLL (dense, first)  sink lost")
     for r in rows:
         b = r["vs_first_nll"]
         ci = f"{b['mean_diff']:+.4f} [{b['ci_low']:+.4f}, {b['ci_high']:+.4f}]" if b else ""
-        print(f"{r['budget']:6.2f} {r['heads']:5d} {r['windows']:7d} {r['first_token_weight']:6g} "
+        print(f"{r['budget']:6.2f} {r['heads']:5d} {r['windows']:7d} {r['first_token_weight']:6g} {r.get('tilt', 0):5g} "
               f"{r['perplexity_pruned']:10.2f} "
               f"{r['perplexity_ratio']:6.3f} {100 * r['next_token_agreement']:8.1f}% {r['held_out_calib_nll_rise']:13.4f} "
               f"{ci:>30} {b['p_value'] if b else '':>7}  {worst_text(r):>27}  {r['eval_windows_sink_lost']}")
+
+
+def tilted(sel: dict, ranking: dict, adapter, tilt: float, floor: int) -> dict:
+    """The selection with its FFN neurons re-allocated by the sensitivity probe (λ = tilt), same total."""
+    uniform = sel.setdefault("uniform_neurons_per_layer", sel["neurons_per_layer"])
+    if tilt == 0:
+        neurons = uniform
+    else:
+        probe = json.loads((ROOT / "metrics/lm/sensitivity.json").read_text())
+        neurons = allocation(probe["nll_rise_per_layer"], uniform, tilt, adapter.dense_neurons, floor)
+    keep_heads, keep_neurons = keep_sets(ranking, sel["heads_per_layer"], neurons, adapter.group)
+    return {**sel, "keep_heads": keep_heads, "keep_neurons": keep_neurons, "neurons_per_layer": neurons}
 
 
 def worst_text(row: dict) -> str:

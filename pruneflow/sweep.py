@@ -11,8 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import tempfile
 import time
 from functools import lru_cache
+from pathlib import Path
 
 from pruneflow.adapters import get_adapter
 from pruneflow.artifacts import atomic_path, write_json, write_text
@@ -28,6 +31,7 @@ from pruneflow.stats import load_statistics
 from pruneflow.tasks import get_task
 
 ALLOCATIONS = ("uniform", "error", "ranking")
+log = logging.getLogger("pruneflow.sweep")
 
 
 def parse_spec(spec: str, params: Params) -> Params:
@@ -69,17 +73,42 @@ class _Context:
         self.reference = self.task.reference(self.model, layout.prepared, self.tokenizer, params.evaluate, self.device)
         self.rankings: dict[str, tuple[dict, float]] = {}
         self.traces: dict[str, object] = {}
+        self.spill_dirs: list[tempfile.TemporaryDirectory] = []  # removed with the context
 
     def dense_trace(self, p: Params, layout: Layout):
-        """One dense pass over the calibration text, shared by every sequential point."""
+        """One dense pass over the calibration text, shared by every sequential point. Its targets (two copies of
+        the calibration hidden states per layer) stay in memory when they take at most TRACE_MEMORY_SHARE of the
+        memory available now, and go to a temporary directory beside the data otherwise (SmolLM2 at 256
+        windows: 18 GB), read back layer by layer by each later point."""
         from pruneflow.sequential import DenseTrace
 
         key = f"{p.correct.max_samples}/{p.collect.batch_size}/{p.collect.max_length}"
         if key not in self.traces:
             batches = self.task.calibration_batches(layout.prepared, self.tokenizer, p.collect, self.device,
                                                     p.correct.max_samples, token_cap=False)
-            self.traces[key] = DenseTrace(self.model, batches, self.device, keep=True)
+            trace = DenseTrace(self.model, batches, self.device, keep=True)
+            if trace.kept_bytes > TRACE_MEMORY_SHARE * available_memory(self.device):
+                self.spill_dirs.append(tempfile.TemporaryDirectory(prefix=".dense-trace-", dir=layout.data))
+                trace.spill_dir = Path(self.spill_dirs[-1].name)
+                log.info("the dense trace's targets (%.1f GB) are kept on disk in %s", trace.kept_bytes / 1e9,
+                         trace.spill_dir)
+            self.traces[key] = trace
         return self.traces[key]
+
+
+# The sweep's dense trace is held in memory up to this share of the memory available when it is made.
+TRACE_MEMORY_SHARE = 0.5
+
+
+def available_memory(device: str) -> int:
+    """Bytes free now where the trace's tensors live: the GPU's free memory, or the machine's available RAM."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 # What a context reads of the params. The points of a sweep (or of benchmarks.lm_heads) differ in rank, select

@@ -197,6 +197,35 @@ def test_structured_sweep_on_a_decoder(lm_project):
     assert (lm_project / "plots/lm/sweep.png").stat().st_size > 0
 
 
+def test_sweep_spills_the_dense_trace_when_memory_is_short(lm_project, monkeypatch):
+    """When the shared dense trace would take more than its share of the free memory, the sweep keeps its targets
+    on disk beside the data: the same table to the last digit, and the directory gone with the sweep's context."""
+    import gc
+
+    from pruneflow import sequential, sweep
+
+    assert run(lm_prepare, lm_project) == 0
+    path = structured_params(lm_project)
+    params = yaml.safe_load(open(path))
+    params["sweep"] = {"budgets": [0.8, 0.6], "methods": ["obs"], "baseline": None}
+    open(path, "w").write(yaml.safe_dump(params))
+    run_structured(lm_project, path, ("collect", "sweep"))
+    in_memory = json.loads((lm_project / "metrics/lm/sweep.json").read_text())["points"]
+    sweep.release_contexts()
+    reads = []
+    monkeypatch.setattr(sweep, "TRACE_MEMORY_SHARE", 0.0)
+    monkeypatch.setattr(sequential.DenseTrace, "_read", lambda self, p, read=sequential.DenseTrace._read:
+                        reads.append(p) or read(self, p))
+    run_structured(lm_project, path, ("sweep",))
+    spilled = json.loads((lm_project / "metrics/lm/sweep.json").read_text())["points"]
+    assert reads and all(p.parent.name.startswith(".dense-trace-") for p in reads)  # the second point read them
+    for a, b in zip(in_memory, spilled):
+        assert (a["perplexity_pruned"], a["next_token_agreement"]) == (b["perplexity_pruned"], b["next_token_agreement"])
+    sweep.release_contexts()
+    gc.collect()
+    assert not list((lm_project / "data/lm").glob(".dense-trace-*"))
+
+
 def test_gqa_budget_below_one_head_per_group_fails_clearly(lm_project):
     assert run(lm_prepare, lm_project) == 0
     path = structured_params(lm_project, budget=0.05, min_neurons=40)

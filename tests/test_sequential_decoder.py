@@ -237,13 +237,16 @@ def test_offload_gives_the_same_weights(tok, family):
         assert torch.equal(v, results[1][k]), k
 
 
+@pytest.mark.parametrize("spill", [False, True], ids=["in_memory", "spilled"])
 @pytest.mark.parametrize("family", ["llama", "bert"])
-def test_a_kept_trace_serves_several_models_as_fresh_traces_do(tok, family):
+def test_a_kept_trace_serves_several_models_as_fresh_traces_do(tok, family, spill, tmp_path):
     """The sweep shares one dense trace (keep=True) among its pruned models: each gets the weights a trace of
-    its own would give (the trace's layer-0 inputs and targets are not consumed by the first model)."""
+    its own would give (the trace's layer-0 inputs and targets are not consumed by the first model), whether
+    the kept targets are held in memory or spilled to disk and read back."""
     dense = factory(family)()
     ad = get_adapter(dense)
-    shared = trace(copy.deepcopy(dense), tok, keep=True)
+    shared = trace(copy.deepcopy(dense), tok, keep=True, spill_dir=tmp_path if spill else None)
+    assert shared.kept_bytes == 2 * ad.num_layers * sum(h.numel() * 4 for h in shared.inputs())
     for seed in (0, 1):
         sel = half_selection(ad, seed)
         results = []
@@ -253,6 +256,7 @@ def test_a_kept_trace_serves_several_models_as_fresh_traces_do(tok, family):
             results.append(pruned.state_dict())
         for k, v in results[0].items():
             assert torch.equal(v, results[1][k]), (seed, k)
+    assert len(list(tmp_path.glob("dense_targets_*.safetensors"))) == (ad.num_layers if spill else 0)
 
 
 def test_first_token_weights_mark_each_sequences_first_real_token():

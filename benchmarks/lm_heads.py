@@ -5,8 +5,9 @@ against the allocation's own choice, at given budgets, with paired tests.
     python -m benchmarks.lm_heads --budgets 0.8 0.7 --heads 6 9     # a subset
 
 SmolLM2 has 9 query heads in 3 KV groups, so a layer keeps 3, 6 or 9 of them and each step of 3 heads is worth
-about 240 MLP neurons per layer in FLOPs. `select.allocation: uniform` takes the count whose kept fraction is
-closest to the neurons'; `select.uniform_heads: h` forces one and spends the rest of the budget on neurons. Each
+about 240 MLP neurons per layer in FLOPs. `select.allocation: uniform` takes the fewest heads whose kept fraction
+is at least the neurons' (until 2026-11-30: the closest fraction, which metrics/lm/heads.json's "allocation's
+choice" rows are; it was wrong at 0.8 and 0.6); `select.uniform_heads: h` forces one and spends the rest of the budget on neurons. Each
 point is the default pipeline (lm/params.yaml: obs ranking, sequential lstsq) pruned and evaluated in memory
 (pruneflow/sweep.py: run_point, as `make lm-sweep` does), sharing the statistics, the ranking and the dense trace.
 Every forced count is compared with the allocation's choice at the same budget by a paired bootstrap over the

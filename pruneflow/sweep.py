@@ -88,7 +88,7 @@ class _Context:
                                                     p.correct.max_samples, token_cap=False)
             trace = DenseTrace(self.model, batches, self.device, keep=True)
             if trace.kept_bytes > TRACE_MEMORY_SHARE * available_memory(self.device):
-                self.spill_dirs.append(tempfile.TemporaryDirectory(prefix=".dense-trace-", dir=layout.data))
+                self.spill_dirs.append(tempfile.TemporaryDirectory(prefix=".dense-trace-", dir=layout / layout.data))
                 trace.spill_dir = Path(self.spill_dirs[-1].name)
                 log.info("the dense trace's targets (%.1f GB) are kept on disk in %s", trace.kept_bytes / 1e9,
                          trace.spill_dir)

@@ -218,7 +218,9 @@ def test_sweep_spills_the_dense_trace_when_memory_is_short(lm_project, monkeypat
                         reads.append(p) or read(self, p))
     run_structured(lm_project, path, ("sweep",))
     spilled = json.loads((lm_project / "metrics/lm/sweep.json").read_text())["points"]
-    assert reads and all(p.parent.name.startswith(".dense-trace-") for p in reads)  # the second point read them
+    # the second point read them, from beside the project's data
+    assert reads and all(p.parent.name.startswith(".dense-trace-") and p.parent.parent == lm_project / "data/lm"
+                         for p in reads)
     for a, b in zip(in_memory, spilled):
         assert (a["perplexity_pruned"], a["next_token_agreement"]) == (b["perplexity_pruned"], b["next_token_agreement"])
     sweep.release_contexts()

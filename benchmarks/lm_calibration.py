@@ -126,17 +126,19 @@ def main() -> None:
     seq_len = resolve_seq_len(base.select.seq_len, ctx.stats.info())
     print(f"{len(pool)} windows of {lm.window} tokens in the calibration novels; {args.held_out} held out "
           f"(dense perplexity {math.exp(dense_check):.2f} there)", flush=True)
+    sensitivity = (json.loads((ROOT / "metrics/lm/sensitivity.json").read_text())["nll_rise_per_layer"]
+                   if any(args.tilts) else None)
     rows = []
     for point in args.points:
         budget, heads = parse_point(point)
         select = base.select.model_copy(update={"budget": budget, "uniform_heads": heads})
-        sel = select_units(ctx.model, ctx.adapter, ranking, select, make_cost(select.cost, seq_len, select.tolerance),
-                           seq_len)
+        uniform = select_units(ctx.model, ctx.adapter, ranking, select,
+                               make_cost(select.cost, seq_len, select.tolerance), seq_len)
         reference = None
         for n, weight, tilt in itertools.product(args.windows, args.first_token_weights or
                                                  [base.correct.first_token_weight], args.tilts):
             windows = pool[fits[n]]
-            sel = tilted(sel, ranking, ctx.adapter, tilt, base.select.min_neurons)
+            sel = tilted(uniform, ranking, ctx.adapter, tilt, sensitivity, base.select.min_neurons)
             t0 = time.perf_counter()
             trace = lambda: DenseTrace(ctx.model, list(window_batches(windows, base.collect.batch_size, ctx.device)),  # noqa: E731
                                        ctx.device)
@@ -182,16 +184,13 @@ def main() -> None:
               f"{ci:>30} {b['p_value'] if b else '':>7}  {worst_text(r):>27}  {r['eval_windows_sink_lost']}")
 
 
-def tilted(sel: dict, ranking: dict, adapter, tilt: float, floor: int) -> dict:
-    """The selection with its FFN neurons re-allocated by the sensitivity probe (λ = tilt), same total."""
-    uniform = sel.setdefault("uniform_neurons_per_layer", sel["neurons_per_layer"])
+def tilted(uniform: dict, ranking: dict, adapter, tilt: float, sensitivity: list[float] | None, floor: int) -> dict:
+    """The uniform selection with its FFN neurons re-allocated by the sensitivity probe (λ = tilt), same total."""
     if tilt == 0:
-        neurons = uniform
-    else:
-        probe = json.loads((ROOT / "metrics/lm/sensitivity.json").read_text())
-        neurons = allocation(probe["nll_rise_per_layer"], uniform, tilt, adapter.dense_neurons, floor)
-    keep_heads, keep_neurons = keep_sets(ranking, sel["heads_per_layer"], neurons, adapter.group)
-    return {**sel, "keep_heads": keep_heads, "keep_neurons": keep_neurons, "neurons_per_layer": neurons}
+        return uniform
+    neurons = allocation(sensitivity, uniform["neurons_per_layer"], tilt, adapter.dense_neurons, floor)
+    keep_heads, keep_neurons = keep_sets(ranking, uniform["heads_per_layer"], neurons, adapter.group)
+    return {**uniform, "keep_heads": keep_heads, "keep_neurons": keep_neurons, "neurons_per_layer": neurons}
 
 
 def worst_text(row: dict) -> str:

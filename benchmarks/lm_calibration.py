@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from pruneflow import sweep
+from pruneflow.allocation import tilted as tilted_neurons
 from pruneflow.artifacts import write_json
 from pruneflow.cost import make_cost
 from pruneflow.lm_assets import read_texts, spaced, window_pool  # the pipeline's own window rule
@@ -59,7 +60,6 @@ from pruneflow.sequential import DenseTrace
 from pruneflow.stats_tests import paired_bootstrap
 from pruneflow.tasks.causal_lm import read_windows, window_batches
 
-from benchmarks.lm_sensitivity import allocation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +106,8 @@ def main() -> None:
     setup_logging()
     layout = Layout(ROOT, "data/lm", "metrics/lm", "plots/lm")
     base = load_params(ROOT / "lm/params.yaml")
+    # the uniform allocation, tilted here by --tilts (select.allocation: sensitivity runs its own probe)
+    base = base.model_copy(update={"select": base.select.model_copy(update={"allocation": "uniform"})})
     lm = load_params(ROOT / "params.yaml").lm  # the LM's assets and windows are declared there (lm_prepare)
     ctx = sweep.context(base, layout)
     texts = read_texts(lm.text, ROOT / lm.text_path, lm.calib_texts)
@@ -188,7 +190,7 @@ def tilted(uniform: dict, ranking: dict, adapter, tilt: float, sensitivity: list
     """The uniform selection with its FFN neurons re-allocated by the sensitivity probe (λ = tilt), same total."""
     if tilt == 0:
         return uniform
-    neurons = allocation(sensitivity, uniform["neurons_per_layer"], tilt, adapter.dense_neurons, floor)
+    neurons = tilted_neurons(sensitivity, uniform["neurons_per_layer"], tilt, adapter.dense_neurons, floor)
     keep_heads, keep_neurons = keep_sets(ranking, uniform["heads_per_layer"], neurons, adapter.group)
     return {**uniform, "keep_heads": keep_heads, "keep_neurons": keep_neurons, "neurons_per_layer": neurons}
 

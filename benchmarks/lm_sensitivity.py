@@ -12,7 +12,8 @@ the same in every layer (`--heads`). Each λ is pruned with the default sequenti
 held-out windows in memory (pruneflow/sweep.py's context), and compared with the uniform allocation by a paired
 bootstrap over the eval windows (per-window NLL). The greedy `select.allocation: error` ranks layers by their
 own reconstruction error and lost to uniform here (README); this probe measures what the model's output loses.
-Not a select allocation yet: it needs forward passes that select does not run. Writes
+The probe here is the one this benchmark was first run with (the whole model copied, sliced and corrected per
+layer); `select.allocation: sensitivity` runs a cheaper one (pruneflow/sensitivity.py). Writes
 metrics/lm/sensitivity.json and prints a table.
 """
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from pruneflow import sweep
+from pruneflow.allocation import tilted
 from pruneflow.artifacts import write_json
 from pruneflow.params import load_params
 from pruneflow.pruning import prune_to_selection
@@ -35,20 +37,6 @@ from pruneflow.selection import keep_sets
 from pruneflow.stats_tests import paired_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def allocation(sens: list[float], uniform: list[int], lam: float, dense: int, floor: int) -> list[int]:
-    """n_i ∝ 1 + λ z_i (z: standardised sensitivity, clipped to ±2), with the uniform allocation's total."""
-    s = np.asarray(sens)
-    z = np.clip((s - s.mean()) / max(s.std(), 1e-12), -2, 2)
-    total, weight = sum(uniform), 1 + lam * z
-    n = np.clip(np.round(total * weight / weight.sum()), floor, dense).astype(int)
-    for i in np.argsort(-z) if n.sum() < total else np.argsort(z):  # settle the rounding on the extremes
-        step = int(np.clip(total - n.sum(), floor - n[i], dense - n[i]))
-        n[i] += step
-        if n.sum() == total:
-            break
-    return [int(v) for v in n]
 
 
 @torch.inference_mode()
@@ -62,7 +50,8 @@ def main() -> None:
     setup_logging()
     layout = Layout(ROOT, "data/lm", "metrics/lm", "plots/lm")
     base = load_params(ROOT / "lm/params.yaml")
-    params = base.model_copy(update={"select": base.select.model_copy(update={"uniform_heads": args.heads})})
+    params = base.model_copy(update={"select": base.select.model_copy(update={"uniform_heads": args.heads,
+                                                                                   "allocation": "uniform"})})
     method = params.rank.method
     uniform = sweep.run_point(params, layout, method, args.budget)
     ctx = sweep.context(params, layout)
@@ -90,7 +79,7 @@ def main() -> None:
              "perplexity_pruned": uniform["perplexity_pruned"],
              "next_token_agreement": uniform["next_token_agreement"]}]
     for lam in args.lambdas:
-        neurons = allocation(sens, uniform["neurons_per_layer"], lam, N, params.select.min_neurons)
+        neurons = tilted(sens, uniform["neurons_per_layer"], lam, N, params.select.min_neurons)
         kh, kn = keep_sets(ranking, heads, neurons, ad.group)
         model, _, _ = prune_to_selection(ctx.model, ctx.stats, {"keep_heads": kh, "keep_neurons": kn},
                                          params.correct, ctx.device, lambda: ctx.dense_trace(params, layout))

@@ -158,3 +158,28 @@ def by_error(attn: list[Curve], ffn: list[Curve], c: Costs, target: int, min_hea
             neurons[l] += add
             slack -= add * c.neuron
     return heads, neurons
+
+
+def tilted(rise: list[float], neurons: list[int], tilt: float, dense: int, floor: int = 0, multiple_of: int = 1
+           ) -> list[int]:
+    """Neurons re-allocated towards the layers whose pruning costs the model most (select.allocation:
+    sensitivity; OWL's idea, with a measured rise instead of outlier counts): layer i keeps n̄ (1 + tilt·z_i)
+    neurons, z_i the standardised loss rise of pruning layer i alone (pruneflow/sensitivity.py), clipped to ±2,
+    rescaled so the total, and so the cost, is the uniform allocation's `neurons`; kept counts stay within
+    [floor, dense] and multiples of `multiple_of`. tilt 0 returns `neurons`."""
+    import numpy as np
+
+    if tilt == 0:
+        return list(neurons)
+    m = multiple_of
+    s = np.asarray(rise, dtype=float)
+    z = np.clip((s - s.mean()) / max(s.std(), 1e-12), -2, 2)
+    total, weight = sum(neurons) // m, 1 + tilt * z
+    low, high = -(-floor // m), dense // m
+    n = np.clip(np.round(total * weight / weight.sum()), low, high).astype(int)
+    for i in np.argsort(-z) if n.sum() < total else np.argsort(z):  # settle the rounding on the extremes
+        step = int(np.clip(total - n.sum(), low - n[i], high - n[i]))
+        n[i] += step
+        if n.sum() == total:
+            break
+    return [int(v) * m for v in n]

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pruneflow.artifacts import atomic_path
+from pruneflow.runtime import spaced  # noqa: F401  (the window rule; lm_calibration imports it from here)
 
 AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data"
 NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
@@ -185,11 +186,6 @@ def read_texts(kind: str, path: str | Path, names: list[str]) -> list[str]:
 def window_pool(tokenizer, texts: list[str], length: int, max_positions: int | None = None) -> torch.Tensor:
     """Every non-overlapping window of each text, text after text (no window spans two texts)."""
     return torch.cat([token_windows(tokenizer, [t], length, None, max_positions) for t in texts])
-
-
-def spaced(n_pool: int, count: int) -> list[int]:
-    """`count` indices evenly spaced over `n_pool` windows, first and last included."""
-    return torch.linspace(0, n_pool - 1, count).round().long().tolist()
 
 
 def calibration_windows(tokenizer, texts: list[str], length: int, count: int, max_positions: int | None) -> torch.Tensor:

@@ -139,9 +139,11 @@ class SelectParams(Section):
     cost: Literal["flops", "params", "nonzeros"] = Field(
         "flops", description="flops: fvcore FLOPs at seq_len; params: parameters of the transformer blocks; "
                              "nonzeros: nonzero weights of the blocks' Linear layers (pruneflow/cost.py)")
-    allocation: Literal["uniform", "error", "ranking"] = Field(
+    allocation: Literal["uniform", "error", "ranking", "sensitivity"] = Field(
         "uniform", description="uniform: the same counts per layer; error: greedy by reconstruction error per unit "
-                               "of cost; ranking: the units a global rank method (bonsai) kept for this budget")
+                               "of cost; ranking: the units a global rank method (bonsai) kept for this budget; "
+                               "sensitivity: uniform heads, FFN neurons tilted towards the layers whose pruning "
+                               "alone raises the calibration loss most (a probe: pruneflow/sensitivity.py)")
     seq_len: int | Literal["auto"] = Field("auto", description="FLOPs are counted at this length; auto = mean calib length")
     min_heads: int = Field(1, ge=0, description="per layer; 0 lets a layer lose its attention entirely")
     min_neurons: int = Field(16, ge=0, description="per layer; 0 lets a layer lose its FFN entirely")
@@ -149,6 +151,12 @@ class SelectParams(Section):
     uniform_heads: int | None = Field(None, ge=0, description="uniform: keep exactly this many heads per layer "
                                                              "and spend the rest of the budget on neurons")
     tolerance: float = Field(0.01, gt=0, lt=0.5, description="max relative fvcore/analytic disagreement")
+    tilt: float = Field(0.25, ge=0, le=1, description="sensitivity: layer i keeps n̄(1 + tilt·z_i) neurons, z_i its "
+                                                     "standardised loss rise (0: uniform)")
+    probe_samples: int = Field(8, ge=1, description="sensitivity: calibration sequences the probe measures the loss "
+                                                    "on (evenly spaced LM windows)")
+    probe_ridge: float = Field(1e-4, ge=0, description="sensitivity: ridge of the probe's closed-form lstsq refit of "
+                                                      "the pruned FFN (relative, as correct.ridge)")
 
 
 class CorrectParams(Section):
@@ -255,6 +263,9 @@ class LMParams(Section):
                                   description="held out: never seen by calibration")
     window: int = Field(512, ge=8, description="tokens per window (at most the model's context)")
     calib_windows: int = Field(64, ge=1, description="calibration windows, evenly spaced over the calib texts")
+    refit_windows: int | None = Field(None, ge=1, description="the sequential refit's windows, evenly spaced over the "
+                                      "calib texts (the refit needs more text than the statistics); null: the "
+                                      "calibration windows")
     eval_windows: int = Field(40, ge=1, description="evaluation windows, the first of the eval texts")
     batch_size: int = Field(4, ge=1, description="windows per forward pass")
 

@@ -20,6 +20,14 @@ log = logging.getLogger("pruneflow")
 WINDOWS_FILE = "windows.safetensors"  # the causal-LM task's token windows (calib, eval), in the prepared folder
 
 
+def spaced(n_pool: int, count: int) -> list[int]:
+    """`count` indices evenly spaced over `n_pool` windows, first and last included (how LM calibration windows
+    are chosen from the texts, and a subset of them from those)."""
+    import torch
+
+    return torch.linspace(0, n_pool - 1, count).round().long().tolist()
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each stage reads and writes: data (DVC's), metrics and plots folders under the project root. One

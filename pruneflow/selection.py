@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable
 
 from pruneflow import allocation
 from pruneflow.adapters import SUBLAYERS, Adapter, get_adapter
@@ -49,10 +50,18 @@ def keep_sets(ranking: dict, heads: list[int], neurons: list[int], group: int = 
 
 
 def allocate(ranking: dict, p: SelectParams, costs: allocation.Costs, target: int, L: int, H: int, N: int,
-             head_step: int = 1) -> tuple[list[int], list[int]]:
-    if p.allocation == "uniform":
-        return allocation.uniform(L, H, N, costs, target, p.min_heads, p.min_neurons, p.multiple_of, p.uniform_heads,
-                                  head_step)
+             head_step: int = 1, probe: Callable[[list[int]], list[float]] | None = None
+             ) -> tuple[list[int], list[int]]:
+    if p.allocation in ("uniform", "sensitivity"):
+        heads, neurons = allocation.uniform(L, H, N, costs, target, p.min_heads, p.min_neurons, p.multiple_of,
+                                            p.uniform_heads, head_step)
+        if p.allocation == "uniform":
+            return heads, neurons
+        if probe is None:
+            raise ValueError("select.allocation=sensitivity needs its probe (the model's weights, the statistics and "
+                             "calibration text: pruneflow/sensitivity.py)")
+        # the tilt keeps the total of neurons, so the cost of the uniform allocation
+        return heads, allocation.tilted(probe(neurons), neurons, p.tilt, N, p.min_neurons, p.multiple_of)
     curves = {name: [allocation.Curve(l[name]["units"], l[name]["removed"], l[name]["error"]) for l in ranking["layers"]]
               for name in SUBLAYERS}
     return allocation.by_error(curves["attn"], curves["ffn"], costs, target, p.min_heads, p.min_neurons, p.multiple_of,
@@ -70,8 +79,10 @@ def ranking_keep_sets(ranking: dict, p: SelectParams) -> tuple[list[list[int]], 
     return ranking["keep_heads"], ranking["keep_neurons"]
 
 
-def select_units(model, adapter: Adapter, ranking: dict, p: SelectParams, cost: Cost, seq_len: int) -> dict:
-    """Allocation under the budget, verified by measuring the sliced model; FLOPs at seq_len reported too."""
+def select_units(model, adapter: Adapter, ranking: dict, p: SelectParams, cost: Cost, seq_len: int,
+                 probe: Callable[[list[int]], list[float]] | None = None) -> dict:
+    """Allocation under the budget, verified by measuring the sliced model; FLOPs at seq_len reported too.
+    probe: the sensitivity allocation's per-layer loss rise at given neuron counts (sensitivity.LayerProbe)."""
     flops = cost if isinstance(cost, FlopCost) else FlopCost(seq_len, p.tolerance)
     dense = cost.measure(model)
     other = dense.total - dense.analytic  # what the analytic model leaves out (norms, softmax, rotary, ...)
@@ -97,7 +108,7 @@ def select_units(model, adapter: Adapter, ranking: dict, p: SelectParams, cost: 
                                  f"of dense ({cost.describe()}), over select.budget={p.budget}")
         else:
             for _ in range(5):
-                heads, neurons = allocate(ranking, p, costs, target, L, H, N, head_step)
+                heads, neurons = allocate(ranking, p, costs, target, L, H, N, head_step, probe)
                 keep_h, keep_n = keep_sets(ranking, heads, neurons, adapter.group)
                 pruned_model, pruned = slice_and_measure(keep_h, keep_n)
                 if pruned.total <= allowed:

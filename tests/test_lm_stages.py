@@ -268,3 +268,32 @@ def test_lm_benchmark_exports_checks_parity_and_times_both_models(lm_project):
     rc = stage_main("lm_benchmark", lm_benchmark.run, ["--params", path, "--root", str(lm_project), "--data",
                                                        "data/lm", "--metrics", "metrics/lm"])
     assert rc == 2
+
+
+def test_structured_chain_with_refit_windows_and_the_sensitivity_allocation(lm_project):
+    """lm.refit_windows: lm_prepare cuts a separate, larger set of windows that the sequential refit (and the
+    forward-pass yardstick) reads while the statistics keep lm.calib_windows; select.allocation: sensitivity runs
+    its probe in select: the neurons are tilted (non-uniform, so no plain checkpoint) at the uniform cost."""
+    from pruneflow.params import CollectParams
+    from pruneflow.tasks import get_task
+
+    params = yaml.safe_load((lm_project / "params.yaml").read_text())
+    params["lm"]["refit_windows"] = 12
+    (lm_project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run(lm_prepare, lm_project) == 0
+    prepared, task, c = lm_project / "data/lm/prepared", get_task("causal_lm"), CollectParams(batch_size=4)
+    assert len(task.calibration_batches(prepared, None, c, "cpu")) == 8
+    assert len(task.refit_batches(prepared, None, c, "cpu")) == 12
+    uniform = structured_params(lm_project)
+    run_structured(lm_project, uniform, ("collect", "rank", "select"))
+    even = json.loads((lm_project / "data/lm/select/selection.json").read_text())
+    run_structured(lm_project, structured_params(lm_project, allocation="sensitivity", tilt=1.0, probe_samples=4),
+                   ("select", "correct", "evaluate"))
+    sel = json.loads((lm_project / "data/lm/select/selection.json").read_text())
+    m = lm_project / "metrics/lm"
+    rise = json.loads((m / "select.json").read_text())["probe_loss_rise"]
+    assert len(rise) == 2 and sel["heads_per_layer"] == even["heads_per_layer"]
+    assert sum(sel["neurons_per_layer"]) == sum(even["neurons_per_layer"]) and sel["cost_ratio"] <= 0.6
+    assert sel["neurons_per_layer"][rise.index(max(rise))] > sel["neurons_per_layer"][rise.index(min(rise))]
+    assert json.loads((m / "correct.json").read_text())["plain_checkpoint"] is None
+    assert json.loads((m / "quality.json").read_text())["perplexity_pruned"] > 1

@@ -117,6 +117,12 @@ class Task(ABC):
         sequential correction's batching, with which its committed figures were measured). Fails clearly when
         there is none."""
 
+    def refit_batches(self, prepared: Path, tokenizer, c, device: str, max_samples: int | None = None,
+                      token_cap: bool = True) -> Calibration:
+        """The calibration data the sequential correction refits on: by default the same as the statistics'
+        (a task may hold more text for the refit, which needs more than the statistics do)."""
+        return self.calibration_batches(prepared, tokenizer, c, device, max_samples, token_cap)
+
     @abstractmethod
     def reference(self, dense_model: nn.Module, prepared: Path, tokenizer, ev, device: str) -> Any:
         """The dense model's outputs on the held-out eval data, computed once (`ev`: the evaluate params)."""

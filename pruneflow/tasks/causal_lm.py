@@ -16,17 +16,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pruneflow.runtime import WINDOWS_FILE
+from pruneflow.runtime import WINDOWS_FILE, spaced
 from pruneflow.tasks.base import Calibration, Column, Task, register
 
 
-def read_windows(prepared: str | Path, split: str) -> torch.Tensor:
+def read_windows(prepared: str | Path, split: str, fallback: str | None = None) -> torch.Tensor:
+    """One split of the prepared windows; `fallback` where the file has no such split (refit -> calib)."""
     from safetensors.torch import load_file
 
     path = Path(prepared) / WINDOWS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the lm_prepare stage first (dvc repro lm/dvc.yaml:lm_prepare)")
-    windows = load_file(str(path))[split]
+    splits = load_file(str(path))
+    windows = splits[split if split in splits or fallback is None else fallback]
     if windows.numel() == 0:
         raise ValueError(f"{path} holds no {split} windows: empty {'calibration' if split == 'calib' else 'eval'} "
                          "data (check lm.calib_windows / lm.eval_windows and the texts)")
@@ -118,7 +120,20 @@ class CausalLM(Task):
     def calibration_batches(self, prepared, tokenizer, c, device, max_samples=None, token_cap=True):
         # Windows have a fixed length, so a batch is `collect.batch_size` windows; max_tokens and max_length
         # (sentence tokenization) do not apply.
-        windows = read_windows(prepared, "calib")[: c.max_samples][:max_samples]
+        return self._batches(read_windows(prepared, "calib"), c, device, max_samples)
+
+    def refit_batches(self, prepared, tokenizer, c, device, max_samples=None, token_cap=True):
+        # lm.refit_windows: the refit fits ~1,500 inputs per layer and 30 layers in a chain, and overfits 64
+        # windows where the statistics do not (README, benchmarks/lm_calibration.py)
+        return self._batches(read_windows(prepared, "refit", fallback="calib"), c, device, max_samples)
+
+    @staticmethod
+    def _batches(windows: torch.Tensor, c, device: str, max_samples: int | None) -> Calibration:
+        # Windows are in text order, so a subset is evenly spaced over them (every text contributes), as
+        # lm_prepare chose them from the texts.
+        n = min(v for v in (c.max_samples, max_samples, len(windows)) if v is not None)
+        if n < len(windows):
+            windows = windows[spaced(len(windows), n)]
         return Calibration(len(windows), lambda: window_batches(windows, c.batch_size, device))
 
     @torch.inference_mode()

@@ -1,0 +1,134 @@
+"""How much the model's calibration loss rises when one layer's FFN alone is pruned: the probe behind
+`select.allocation: sensitivity` (the tilt itself is a pure function, pruneflow/allocation.py: tilted).
+
+For layer i the probe keeps the neurons the ranking keeps at the uniform allocation's count, refits that FFN's
+output projection in closed form from the collected statistics (lstsq, `select.probe_ridge`, not sequential), leaves every other layer dense, and measures the task's calibration loss (the causal LM's next-token
+NLL) on a few calibration sequences. The dense model's hidden states entering each block are kept from one dense
+pass, so on a decoder the probe of layer i runs blocks i..L-1 and the head only (the blocks before it pass their
+input through and the kept states are fed in at block i): about half a forward pass per layer.
+
+The pruned FFN is probed without slicing: its output projection gets the refit columns for the kept neurons and
+zeros for the others, which is the sliced layer's output up to the order of a sum (tested against slicing).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from pruneflow.adapters import Adapter
+from pruneflow.correction import fit, moments_from_dense
+
+
+class LayerProbe:
+    """probe(neurons) -> per layer, the rise of the calibration loss when that layer keeps neurons[i] FFN neurons
+    (its most important by the ranking) and every other layer is dense."""
+
+    def __init__(self, model, adapter: Adapter, stats, ranking: dict, batches, task, method: str, ridge: float):
+        self.model, self.adapter, self.stats, self.ranking = model, adapter, stats, ranking
+        self.task, self.method, self.ridge = task, method, ridge
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("select.allocation=sensitivity: no calibration text to probe with")
+        self.replay = not adapter.post_norm  # decoders: start each probe at its layer (encoders run whole)
+        self._batch = 0
+        self.seen: dict[tuple[int, ...], list[float]] = {}  # memo: the sweep's methods share a budget's probe
+        with torch.inference_mode():
+            self.reference = task.calibration_reference(model, self.batches)
+            self.inputs = self._layer_inputs() if self.replay else None
+            self.dense_loss = self._loss()
+
+    def __call__(self, neurons: list[int]) -> list[float]:
+        key = tuple(neurons)
+        if key not in self.seen:
+            self.seen[key] = self._rises(neurons)
+        return self.seen[key]
+
+    def _rises(self, neurons: list[int]) -> list[float]:
+        rises = []
+        for i, n in enumerate(neurons):
+            f = self.ranking["layers"][i]["ffn"]
+            keep = sorted(f["order"][f["units"] - n:]) if n else []
+            with torch.inference_mode(), self._ffn_keeping(i, keep), self._starting_at(i):
+                rises.append(self._loss() - self.dense_loss)
+        return rises
+
+    def _indexed(self) -> Iterator[dict]:
+        for b, enc in enumerate(self.batches):
+            self._batch = b
+            yield enc
+
+    def _loss(self) -> float:
+        return self.task.calibration_loss(self.model, self._indexed(), self.reference)
+
+    def _layer_inputs(self) -> list[list[torch.Tensor]]:
+        """Per batch, the hidden states entering every block of the dense model."""
+        seen: list[torch.Tensor] = []
+
+        def grab(module, args, kwargs):
+            seen.append(args[0] if args else kwargs["hidden_states"])
+
+        handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in self.adapter.layers()]
+        out = []
+        try:
+            for enc in self.batches:
+                seen.clear()
+                self.model(**enc, use_cache=False)
+                out.append(list(seen))
+        finally:
+            for h in handles:
+                h.remove()
+        return out
+
+    @contextmanager
+    def _starting_at(self, i: int) -> Iterator[None]:
+        """Blocks before i pass their input through; block i gets the dense model's hidden states of this batch."""
+        if not self.replay or i == 0:
+            yield
+            return
+        layers = self.adapter.layers()
+
+        def passthrough(*args, **kwargs):
+            return args[0] if args else kwargs["hidden_states"]
+
+        def feed(module, args, kwargs):
+            h = self.inputs[self._batch][i]
+            return ((h, *args[1:]), kwargs) if args else (args, kwargs | {"hidden_states": h})
+
+        saved = [layers[j].__dict__.get("forward") for j in range(i)]  # an instance-level forward is kept
+        for j in range(i):
+            layers[j].forward = passthrough
+        handle = layers[i].register_forward_pre_hook(feed, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for j, f in enumerate(saved):
+                del layers[j].forward
+                if f is not None:
+                    layers[j].forward = f
+
+    @contextmanager
+    def _ffn_keeping(self, i: int, keep: list[int]) -> Iterator[None]:
+        """Layer i's FFN output projection refit on the kept neurons, zero on the others; restored after."""
+        lin = self.adapter.out_proj(i, "ffn")
+        W, b = lin.weight.detach().clone(), (None if lin.bias is None else lin.bias.detach().clone())
+        st = self.stats.sublayer(self.adapter, i, "ffn")
+        cols = self.adapter.unit_columns("ffn", keep)
+        m = moments_from_dense(st.cov, st.mean, W, b, cols, st.n)
+        W_new, b_new = fit(self.method, m, W[:, cols], b, self.ridge, intercept=b is not None)
+        probe_W = torch.zeros_like(W)
+        probe_W[:, cols] = W_new.to(W.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(probe_W)
+            if b is not None and b_new is not None:
+                lin.bias.copy_(b_new.to(b.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                lin.weight.copy_(W)
+                if b is not None:
+                    lin.bias.copy_(b)

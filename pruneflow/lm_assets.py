@@ -190,8 +190,12 @@ def window_pool(tokenizer, texts: list[str], length: int, max_positions: int | N
 
 def calibration_windows(tokenizer, texts: list[str], length: int, count: int, max_positions: int | None) -> torch.Tensor:
     """`count` windows evenly spaced over all the windows of every text (so each text contributes)."""
-    pool = window_pool(tokenizer, texts, length, max_positions)
+    return spaced_windows(window_pool(tokenizer, texts, length, max_positions), count, "lm.calib_windows")
+
+
+def spaced_windows(pool: torch.Tensor, count: int, key: str) -> torch.Tensor:
+    """`count` windows evenly spaced over a window pool; `key` names the param that asked for them."""
     if len(pool) < count:
-        raise AssetError(f"the calibration texts hold {len(pool)} windows of {length} tokens, fewer than "
-                         f"lm.calib_windows={count}; lower it or the window, or add text")
+        raise AssetError(f"the calibration texts hold {len(pool)} windows of {pool.shape[1]} tokens, fewer than "
+                         f"{key}={count}; lower it or the window, or add text")
     return pool[spaced(len(pool), count)]

@@ -51,14 +51,14 @@ def run(params: Params, layout: Layout) -> dict:
     device = setup_torch(params)
     task = get_task(params.task.kind)
     # The calibration data is read (and found empty, if it is) before the model loads.
-    batches = task.calibration_batches(layout.prepared, load_tokenizer(layout.dense), p, device)
+    tokenizer = load_tokenizer(layout.dense)
+    batches = task.calibration_batches(layout.prepared, tokenizer, p, device)
     model = None if offload == "disk" else task.load_model(layout.dense, attn="sdpa").to(device)
     forward_seconds = None
     if p.time_forward:
         full = model if model is not None else task.load_model(layout.dense, attn="sdpa").to(device)
         # over the text the sequential refit reads, the most any stage reads (the LM's refit windows)
-        forward_seconds = time_forward(full, task.refit_batches(layout.prepared, load_tokenizer(layout.dense), p,
-                                                                device))
+        forward_seconds = time_forward(full, task.refit_batches(layout.prepared, tokenizer, p, device))
         del full
     if model is None:
         model = task.load_lazy(layout.dense, attn="sdpa")

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from pruneflow.artifacts import atomic_path, save_tensors, write_json
-from pruneflow.lm_assets import calibration_windows, load_source_model, read_texts, token_windows
+from pruneflow.lm_assets import load_source_model, read_texts, spaced_windows, token_windows, window_pool
 from pruneflow.params import Params
 from pruneflow.runtime import Layout, stage_main
 
@@ -32,10 +32,11 @@ def run(params: Params, layout: Layout) -> dict:
         load_source_model(lm.model, staging)
         tok = AutoTokenizer.from_pretrained(str(staging))
         context = getattr(AutoConfig.from_pretrained(str(staging)), "max_position_embeddings", None)
-        windows = {"calib": calibration_windows(tok, texts["calib"], lm.window, lm.calib_windows, context),
+        pool = window_pool(tok, texts["calib"], lm.window, context)  # the calib texts, tokenized once
+        windows = {"calib": spaced_windows(pool, lm.calib_windows, "lm.calib_windows"),
                    "eval": token_windows(tok, texts["eval"], lm.window, lm.eval_windows, context)}
         if lm.refit_windows is not None:
-            windows["refit"] = calibration_windows(tok, texts["calib"], lm.window, lm.refit_windows, context)
+            windows["refit"] = spaced_windows(pool, lm.refit_windows, "lm.refit_windows")
         save_tensors(layout.windows, {k: v.to(torch.int64) for k, v in windows.items()})
     summary = {"calib_windows": len(windows["calib"]), "eval_windows": len(windows["eval"]),
                "refit_windows": len(windows.get("refit", windows["calib"])), "window": lm.window,

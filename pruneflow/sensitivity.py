@@ -3,9 +3,10 @@
 
 For layer i the probe keeps the neurons the ranking keeps at the uniform allocation's count, refits that FFN's
 output projection in closed form from the collected statistics (lstsq, `select.probe_ridge`, not sequential), leaves every other layer dense, and measures the task's calibration loss (the causal LM's next-token
-NLL) on a few calibration sequences. The dense model's hidden states entering each block are kept from one dense
-pass, so on a decoder the probe of layer i runs blocks i..L-1 and the head only (the blocks before it pass their
-input through and the kept states are fed in at block i): about half a forward pass per layer.
+NLL; the classifier's KL to the dense predictions) on a few calibration sequences. The dense model's hidden states
+entering each block are kept from one dense pass, so the probe of layer i runs blocks i..L-1 and the head only
+(the blocks before it pass their input through and the kept states are fed in at block i): about half a forward
+pass per layer, with the same values as a whole forward (blocks before i are dense either way).
 
 The pruned FFN is probed without slicing: its output projection gets the refit columns for the kept neurons and
 zeros for the others, which is the sliced layer's output up to the order of a sum (tested against slicing).
@@ -32,12 +33,16 @@ class LayerProbe:
         self.batches = list(batches)
         if not self.batches:
             raise ValueError("select.allocation=sensitivity: no calibration text to probe with")
-        self.replay = not adapter.post_norm  # decoders: start each probe at its layer (encoders run whole)
         self._batch = 0
         self.seen: dict[tuple[int, ...], list[float]] = {}  # memo: the sweep's methods share a budget's probe
         with torch.inference_mode():
-            self.reference = task.calibration_reference(model, self.batches)
-            self.inputs = self._layer_inputs() if self.replay else None
+            # A task whose reference is a dense forward (the classifier's predictions) hands over the block
+            # inputs on the way; otherwise (the LM's has none) they take a forward of their own.
+            with self._grabbing_inputs() as seen:
+                self.reference = task.calibration_reference(model, self.batches)
+            L = len(adapter.layers())
+            self.inputs = ([seen[b * L:(b + 1) * L] for b in range(len(self.batches))]
+                           if len(seen) == L * len(self.batches) else self._layer_inputs())
             self.dense_loss = self._loss()
 
     def __call__(self, neurons: list[int]) -> list[float]:
@@ -63,29 +68,34 @@ class LayerProbe:
     def _loss(self) -> float:
         return self.task.calibration_loss(self.model, self._indexed(), self.reference)
 
-    def _layer_inputs(self) -> list[list[torch.Tensor]]:
-        """Per batch, the hidden states entering every block of the dense model."""
+    @contextmanager
+    def _grabbing_inputs(self) -> Iterator[list[torch.Tensor]]:
+        """The hidden states entering every block, in call order, while the context is open."""
         seen: list[torch.Tensor] = []
 
         def grab(module, args, kwargs):
             seen.append(args[0] if args else kwargs["hidden_states"])
 
         handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in self.adapter.layers()]
-        out = []
         try:
-            for enc in self.batches:
-                seen.clear()
-                self.model(**enc, use_cache=False)
-                out.append(list(seen))
+            yield seen
         finally:
             for h in handles:
                 h.remove()
+
+    def _layer_inputs(self) -> list[list[torch.Tensor]]:
+        """Per batch, the hidden states entering every block of the dense model."""
+        out = []
+        for enc in self.batches:
+            with self._grabbing_inputs() as seen:
+                self.model(**enc, use_cache=False)
+            out.append(seen)
         return out
 
     @contextmanager
     def _starting_at(self, i: int) -> Iterator[None]:
         """Blocks before i pass their input through; block i gets the dense model's hidden states of this batch."""
-        if not self.replay or i == 0:
+        if i == 0:
             yield
             return
         layers = self.adapter.layers()

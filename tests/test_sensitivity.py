@@ -17,7 +17,7 @@ import torch
 
 from pruneflow.adapters import get_adapter
 from pruneflow.allocation import tilted
-from tests.tiny import tiny_inputs, tiny_llama, tiny_qwen2, tiny_gemma3
+from tests.tiny import tiny_bert, tiny_distilbert, tiny_inputs, tiny_llama, tiny_qwen2, tiny_gemma3
 
 
 def test_tilt_keeps_the_total_and_the_bounds_and_favours_the_sensitive_layers():
@@ -49,7 +49,7 @@ def test_sensitivity_allocation_keeps_the_total_and_the_bounds(lam):
         assert n == uniform
 
 
-def _probe(model, method="lstsq", ridge=1e-4):
+def _probe(model, method="lstsq", ridge=1e-4, kind="causal_lm"):
     from pruneflow.params import RankParams
     from pruneflow.ranking import rank_model
     from pruneflow.sensitivity import LayerProbe
@@ -57,21 +57,29 @@ def _probe(model, method="lstsq", ridge=1e-4):
     from pruneflow.tasks import get_task
 
     ad = get_adapter(model)
-    batches = [tiny_inputs(seed=s) for s in (1, 2)]
-    for b in batches:  # full windows, as the LM task's
+    batches = [tiny_inputs(seed=s) for s in (1, 2)]  # the classifier's sentences are padded
+    for b in batches if kind == "causal_lm" else []:  # full windows, as the LM task's
         b["attention_mask"] = torch.ones_like(b["attention_mask"])
     stats = collect_statistics(model, ad, batches, vote_topk=None)
     ranking = rank_model(ad, stats, RankParams(method="activation", chunk=0.1), progress=False)
-    task = get_task("causal_lm")
+    task = get_task(kind)
     return LayerProbe(model, ad, stats, ranking, batches, task, method, ridge), stats, ranking, batches, task
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_gemma3])
-def test_probe_rise_is_the_loss_of_the_sliced_and_refit_layer(factory):
+@pytest.mark.parametrize("factory,kind", [(tiny_llama, "causal_lm"), (tiny_qwen2, "causal_lm"),
+                                          (tiny_gemma3, "causal_lm"), (tiny_bert, "classification"),
+                                          (tiny_distilbert, "classification")])
+def test_probe_rise_is_the_loss_of_the_sliced_and_refit_layer(factory, kind):
     from pruneflow.correction import fit, moments_from_dense, write_fit
 
     model = factory(layers=3)
-    probe, stats, ranking, batches, task = _probe(model)
+    # float32 losses: NLL rises of 1e-4 and more; a random classifier's KL rises are 1e-6 to 1e-3 (its logits
+    # scaled up: near zero they would be 1e-8), equal to the sliced model's to 2e-8
+    tol, floor = (1e-6, 1e-4) if kind == "causal_lm" else (1e-7, 1e-6)
+    if kind == "classification":
+        with torch.no_grad():
+            model.classifier.weight.mul_(300)
+    probe, stats, ranking, batches, task = _probe(model, kind=kind)
     ad = get_adapter(model)
     N, H = ad.dense_neurons, ad.dense_heads
     neurons = [4, 8, 2]
@@ -88,15 +96,20 @@ def test_probe_rise_is_the_loss_of_the_sliced_and_refit_layer(factory):
         W_new, b_new = fit("lstsq", moments_from_dense(st.cov, st.mean, W, b, cols, st.n), W[:, cols], b, 1e-4,
                            intercept=b is not None)
         write_fit(sad, i, "ffn", W_new, b_new)
-        expected = task.calibration_loss(sliced, batches, None) - task.calibration_loss(model, batches, None)
-        assert rises[i] == pytest.approx(expected, abs=1e-6), (i, rises[i], expected)
-    assert min(abs(r) for r in rises) > 1e-4, rises  # far above the tolerance: the equality says something
+        reference = task.calibration_reference(model, batches)
+        expected = (task.calibration_loss(sliced, batches, reference)
+                    - task.calibration_loss(model, batches, reference))
+        assert rises[i] == pytest.approx(expected, abs=tol), (i, rises[i], expected)
+    assert min(abs(r) for r in rises) > floor, rises  # far above the tolerance: the equality says something
     assert probe(neurons) is rises  # memoised per neuron counts
     # the probe put every weight back
     fresh = factory(layers=3)
+    if kind == "classification":
+        with torch.no_grad():
+            fresh.classifier.weight.mul_(300)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
     # nothing pruned, nothing refit: no rise, through the replay of the kept hidden states
-    none, *_ = _probe(model, method="none")
+    none, *_ = _probe(model, method="none", kind=kind)
     assert none([N] * 3) == pytest.approx([0.0] * 3, abs=1e-6)
 
 

@@ -8,7 +8,8 @@ tests.
 The refit is about 40% of the classifier's pruning time (issue 12 wants pruning in at most 3x the calibration
 forward passes), and its cost is linear in its sentences: a smaller default would be the one lever left that
 does not change the statistics or the ranking. Each point is the default pipeline (params.yaml: obs ranking,
-uniform, sequential lstsq; collect's statistics from all calibration sentences) pruned and evaluated in memory
+sequential lstsq; collect's statistics from all calibration sentences) with `--allocation` (default uniform, what
+the README's table measured; the params' own since then is sensitivity) pruned and evaluated in memory
 (pruneflow/sweep.py: run_point, as the sweep does), on RT and on every entry of `datasets`. Each size is
 compared with all sentences at the same budget by McNemar's exact test on accuracy and on agreement with the
 dense model, on the same eval sentences. Writes metrics/correct_samples.json and prints a table.
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.4])
     ap.add_argument("--datasets", nargs="+", default=None,
                     help="tasks: rt and entries of params.yaml's datasets (default: all of them)")
+    ap.add_argument("--allocation", default="uniform", help="select.allocation (the README's table: uniform)")
     args = ap.parse_args()
     setup_logging()
     datasets = args.datasets or ["rt", *read_raw(PARAMS).get("datasets", {})]
@@ -54,7 +56,8 @@ def main() -> None:
         layout = task_layout(dataset)
         rows = {}
         for size in [None, *args.sizes]:
-            params = load_params(PARAMS, {"correct.max_samples": size}, dataset)
+            params = load_params(PARAMS, {"correct.max_samples": size, "select.allocation": args.allocation},
+                                 dataset)
             for budget in args.budgets:
                 rows[size, budget] = row = sweep.run_point(params, layout, params.rank.method, budget)
                 print(f"{name} max_samples={size or 'all'} budget={budget}: accuracy {100 * row['accuracy_pruned']:.2f}% "

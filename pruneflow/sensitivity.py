@@ -40,7 +40,7 @@ class LayerProbe:
             # inputs on the way; otherwise (the LM's has none) they take a forward of their own.
             with self._grabbing_inputs() as seen:
                 self.reference = task.calibration_reference(model, self.batches)
-            L = len(adapter.layers())
+            L = adapter.num_layers
             self.inputs = ([seen[b * L:(b + 1) * L] for b in range(len(self.batches))]
                            if len(seen) == L * len(self.batches) else self._layer_inputs())
             self.dense_loss = self._loss()

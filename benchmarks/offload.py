@@ -7,7 +7,8 @@ process that has imported a stage and built the model with no weights (the floor
     python3 -m benchmarks.offload --random .gpu --device cuda --modes none cpu disk   (a lent GPU machine)
 
 disk-heap is disk with correct.return_memory=false: correct then leaves freed memory to glibc's heap, as the other
-modes do (faster, a higher peak). Needs `make lm` up to select (data/lm/dense, data/lm/prepared, data/lm/select).
+modes do (faster, a higher peak); disk-held is disk with correct.low_memory=false: the refit holds one layer's
+activations between its passes instead of running attention again and waiting for the FFN activations on disk. Needs `make lm` up to select (data/lm/dense, data/lm/prepared, data/lm/select).
 --random DIR builds a model of the same shape with random weights from DIR/config.json (plus DIR's tokenizer, windows.safetensors and
 selection.json): the real checkpoint is too large to carry to a GPU machine. The stages write into a scratch
 project; nothing under data/ changes. Statistics and corrected weights are compared across modes (they must
@@ -90,12 +91,25 @@ def compare(a: Path, b: Path) -> dict:
     return {"stats_rel_diff": stats, "weights_rel_diff": weights}
 
 
+def same_as_pipeline(root: Path) -> dict | None:
+    """Whether this run's statistics shards and pruned weights are byte-identical to the pipeline's own
+    (data/lm/stats, data/lm/pruned), or None where those are missing."""
+    ours, theirs = root / "data", ROOT / "data/lm"
+    names = sorted(str(f.relative_to(ours)) for f in ours.glob("stats/block-*.safetensors"))
+    names.append("pruned/model.safetensors")
+    if not all((theirs / n).exists() for n in names):
+        return None
+    stats = all((ours / n).read_bytes() == (theirs / n).read_bytes() for n in names[:-1])
+    return {"statistics": stats, "pruned_weights": (ours / names[-1]).read_bytes() == (theirs / names[-1]).read_bytes()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", nargs="+", default=["none", "disk", "disk-heap"],
-                    choices=["none", "cpu", "disk", "disk-heap"],
+                    choices=["none", "cpu", "disk", "disk-heap", "disk-held"],
                     help="runtime.offload values; disk-heap is disk with correct.return_memory=false (glibc keeps "
-                         "freed heap: faster, a higher peak)")
+                         "freed heap: faster, a higher peak); disk-held is disk with correct.low_memory=false (the "
+                         "refit holds a layer's activations between its passes: faster, a higher peak)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--random", type=Path, help="a folder with config.json, tokenizer, windows.safetensors, "
                                                 "selection.json: random weights of that shape")
@@ -117,9 +131,10 @@ def main() -> None:
             (root / "data/dense").symlink_to(dense)
             os.symlink(prepared / "windows.safetensors", root / "data/prepared/windows.safetensors")
             os.symlink(select / "selection.json", root / "data/select/selection.json")
-            offload, heap = mode.removesuffix("-heap"), mode.endswith("-heap")
+            offload = mode.split("-")[0]
             sets = ["--set", f"runtime.offload={offload}", "--set", f"runtime.device={args.device}"]
-            sets += ["--set", "correct.return_memory=false"] if heap else []
+            sets += ["--set", "correct.return_memory=false"] if mode.endswith("-heap") else []
+            sets += ["--set", "correct.low_memory=false"] if mode.endswith("-held") else []
             base = ["--root", str(root), "--params", str(PARAMS), "--data", "data", "--metrics", "metrics",
                     "--plots", "plots"]
             run([sys.executable, "-m", "stages.collect", *base, *sets, "--set", "collect.time_forward=false"], env)
@@ -140,18 +155,23 @@ def main() -> None:
         runtime = json.loads(run([sys.executable, "-c", RUNTIME, str(tmp / "inference")], env).strip().splitlines()[-1])
         first = args.modes[0]
         agreement = {m: compare(roots[m], roots[first]) for m in args.modes[1:]}
+        # the pipeline's own outputs (make lm), where they are there to compare with: a mode must move no byte
+        identical = None if args.random else {m: same_as_pipeline(roots[m]) for m in args.modes}
     from transformers import AutoConfig
 
     from pruneflow.tasks.causal_lm import read_windows
 
     cfg = AutoConfig.from_pretrained(dense if not args.random else args.random)
-    # one copy of the calibration hidden states: windows x tokens x hidden x 4 bytes
+    # one copy of the calibration hidden states: windows x tokens x hidden x 4 bytes; collect walks the statistics
+    # windows, correct the refit windows (lm.refit_windows)
     hidden_mb = read_windows(prepared, "calib").numel() * cfg.hidden_size * 4 / 2**20
+    refit_mb = read_windows(prepared, "refit", fallback="calib").numel() * cfg.hidden_size * 4 / 2**20
     result = {"device": args.device, "random_weights": bool(args.random), "dense_weights_mb": round(weights_mb, 1),
-              "hidden_states_mb": round(hidden_mb, 1), "inference": inference,
-              "runtime_peak_rss_mb": runtime["peak_rss_mb"], "runs": rows,
-              "agreement_with_" + first: agreement}
-    print(f"\ndense fp32 weights {weights_mb:.0f} MiB, one copy of the calibration hidden states {hidden_mb:.0f} MiB, "
+              "hidden_states_mb": round(hidden_mb, 1), "refit_hidden_states_mb": round(refit_mb, 1),
+              "inference": inference, "runtime_peak_rss_mb": runtime["peak_rss_mb"], "runs": rows,
+              "agreement_with_" + first: agreement, "identical_to_pipeline": identical}
+    print(f"\ndense fp32 weights {weights_mb:.0f} MiB, one copy of the calibration hidden states {hidden_mb:.0f} MiB "
+          f"(collect) and {refit_mb:.0f} MiB (correct's refit windows), "
           f"dense inference peak RSS {inference['peak_rss_mb']:.0f} MiB"
           + (f", GPU {inference['peak_cuda_mb']:.0f} MiB" if "peak_cuda_mb" in inference else "")
           + f"; a stage process with no weights or data: {runtime['peak_rss_mb']:.0f} MiB")
@@ -162,6 +182,8 @@ def main() -> None:
               f"{r['correct_peak_cuda_mb'] or 0:8.0f}")
     for m, a in agreement.items():
         print(f"{m} vs {first}: statistics rel. diff {a['stats_rel_diff']:.2e}, corrected weights {a['weights_rel_diff']:.2e}")
+    for m, same in (identical or {}).items():
+        print(f"{m}: byte-identical to the pipeline's own: {same}")
     if not args.random:
         out = ROOT / "metrics/lm/offload.json"
         out.write_text(json.dumps(result, indent=2) + "\n")

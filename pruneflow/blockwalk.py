@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -84,11 +84,8 @@ def decoder_inputs(model, adapter: Adapter, batches) -> tuple[list, list[list[tu
             return h
         return forward
 
-    saved = [L.__dict__.get("forward") for L in layers]  # an instance-level forward (accelerate hooks) is kept
-    for i, L in enumerate(layers):
-        L.forward = recorder(i)
     streams, per_layer = [], []
-    try:
+    with forwards_replaced([(L, recorder(i)) for i, L in enumerate(layers)]):
         for enc in batches:
             calls.clear()
             try:
@@ -100,12 +97,24 @@ def decoder_inputs(model, adapter: Adapter, batches) -> tuple[list, list[list[tu
             h, args, kwargs = calls[0]
             streams.append((h, args, kwargs, enc["attention_mask"].reshape(-1).bool()))
             per_layer.append([(a, k) for _, a, k in calls])
-    finally:
-        for L, f in zip(layers, saved):
-            del L.forward
-            if f is not None:
-                L.forward = f
     return streams, per_layer
+
+
+@contextmanager
+def forwards_replaced(replacements: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Each module's forward replaced by the given function for the duration (an instance attribute, which
+    nn.Module.__call__ finds first); an instance-level forward the module had (accelerate's hooks) comes back
+    after, as does the class's."""
+    saved = [(m, m.__dict__.get("forward")) for m, _ in replacements]
+    for m, forward in replacements:
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m, forward in saved:
+            del m.forward
+            if forward is not None:
+                m.forward = forward
 
 
 def lazy_model(auto_class, path: str | Path, attn: str = "sdpa", dtype: torch.dtype = torch.float32,
@@ -350,25 +359,54 @@ class BlockWalk:
             return self.streams[b][1], self.streams[b][2]
         return self._calls[b][i]
 
+    @contextmanager
+    def stepping(self, i: int, on_layer=None) -> Iterator["BlockStep"]:
+        """Layer i with its weights on the device for the duration, run batch by batch (in order) by the
+        BlockStep yielded; on exit every batch must have run, and the walk is at layer i + 1. on_layer(layer)
+        runs once before the first batch (attach hooks there: the weights are real then). What `step` does in
+        one call, for a caller that interleaves its own work with each batch (the sequential refit)."""
+        if i != self.next:
+            raise RuntimeError(f"blocks are walked in order (asked {i}, next {self.next})")
+        with self.residency.layer(i) as layer:
+            if on_layer is not None:
+                on_layer(layer)
+            step = BlockStep(self, i, layer)
+            yield step
+        if step.done != len(self.streams):
+            raise RuntimeError(f"block walk: layer {i} ran on {step.done} of {len(self.streams)} batches")
+        self.next += 1
+
     @torch.inference_mode()
     def step(self, i: int, watch: dict[str, nn.Module | None] | None = None, before_batch=None,
              on_layer=None) -> dict[str, list[torch.Tensor]]:
         """Run layer i on every batch, in order; per batch, the inputs of the `watch` modules (pre-hooks).
         before_batch(b) runs before batch b; on_layer(layer) once, with the layer's weights on the device,
         before the first batch (attach hooks there: their weights are real then)."""
-        if i != self.next:
-            raise RuntimeError(f"blocks are walked in order (asked {i}, next {self.next})")
         seen: dict[str, list[torch.Tensor]] = {k: [] for k in (watch or {})}
-        with self.residency.layer(i) as layer:
-            if on_layer is not None:
-                on_layer(layer)
+        with self.stepping(i, on_layer) as step:
             for b in range(len(self.streams)):
                 if before_batch is not None:
                     before_batch(b)
-                args, kwargs = self.call(i, b)
-                with Capture(watch or {}) as cap:
-                    self.hidden[b] = hidden_of(layer(self.hidden[b], *args, **kwargs))
+                values = step.run(b, watch)
                 for k in seen:
-                    seen[k].append(cap.values.get(k))
-        self.next += 1
+                    seen[k].append(values.get(k))
         return seen
+
+
+class BlockStep:
+    """One layer of a BlockWalk, on its batches one at a time (BlockWalk.stepping)."""
+
+    def __init__(self, walk: BlockWalk, i: int, layer: nn.Module):
+        self.walk, self.i, self.layer, self.done = walk, i, layer, 0
+
+    @torch.inference_mode()
+    def run(self, b: int, watch: dict[str, nn.Module | None] | None = None) -> dict[str, torch.Tensor]:
+        """Run the layer on batch b (the next one), replacing its hidden states by the layer's output; returns
+        the inputs of the `watch` modules during that call."""
+        if b != self.done:
+            raise RuntimeError(f"block walk: batches run in order (asked {b}, next {self.done})")
+        args, kwargs = self.walk.call(self.i, b)
+        with Capture(watch or {}) as cap:
+            self.walk.hidden[b] = hidden_of(self.layer(self.walk.hidden[b], *args, **kwargs))
+        self.done += 1
+        return cap.values

@@ -21,13 +21,14 @@ def uses_sequential(p: CorrectParams) -> bool:
 
 
 def prune_to_selection(dense_model: nn.Module, stats: Statistics, sel: dict, p: CorrectParams, device: str,
-                       dense_trace: Callable[[], object] | None = None, spill_dir: Path | None = None
-                       ) -> tuple[nn.Module, Plan, list[dict]]:
+                       dense_trace: Callable[[], object] | None = None, spill_dir: Path | None = None,
+                       activations_dir: Path | None = None) -> tuple[nn.Module, Plan, list[dict]]:
     """A corrected, sliced copy of `dense_model`; its plan; the per-sublayer fit report.
     dense_trace: makes (or returns a shared) sequential.DenseTrace; needed when the correction is sequential.
     spill_dir (sequential, runtime.offload=disk): `dense_model` is a lazy model (blockwalk.lazy_model), sliced
     layer by layer as the refit reaches it; the finished layers are written to spill_dir, and the returned model
-    (that same lazy model, sliced) reads its weights from there and from the checkpoint (`disk_weights`)."""
+    (that same lazy model, sliced) reads its weights from there and from the checkpoint (`disk_weights`).
+    activations_dir (sequential, correct.low_memory): where the refit's FFN activations wait between its passes."""
     plan = Plan(sel["keep_heads"], sel["keep_neurons"])
     if spill_dir is not None and not uses_sequential(p):
         raise ValueError("streaming the pruned layers through a spill needs the sequential correction")
@@ -42,7 +43,7 @@ def prune_to_selection(dense_model: nn.Module, stats: Statistics, sel: dict, p: 
             pruned_model = dense_model
             layers = StreamedLayers(pruned_model, plan.keep_heads, plan.keep_neurons, spill_dir, device)
         report = correct_sequential(pruned_model, p.method, p.ridge, dense_trace(), device, layers,
-                                    first_token_weight=p.first_token_weight)
+                                    first_token_weight=p.first_token_weight, activations_dir=activations_dir)
     else:
         pruned_model = plan.apply(copy.deepcopy(dense_model))
         keep = {"attn": sel["keep_heads"], "ffn": sel["keep_neurons"]}

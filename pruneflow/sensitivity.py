@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from pruneflow.adapters import Adapter
+from pruneflow.blockwalk import forwards_replaced
 from pruneflow.correction import fit, moments_from_dense
 
 
@@ -43,7 +44,8 @@ class LayerProbe:
             L = adapter.num_layers
             self.inputs = ([seen[b * L:(b + 1) * L] for b in range(len(self.batches))]
                            if len(seen) == L * len(self.batches) else self._layer_inputs())
-            self.dense_loss = self._loss()
+            known = task.reference_loss(self.reference)
+            self.dense_loss = self._loss() if known is None else known
 
     def __call__(self, neurons: list[int]) -> list[float]:
         key = tuple(neurons)
@@ -107,18 +109,12 @@ class LayerProbe:
             h = self.inputs[self._batch][i]
             return ((h, *args[1:]), kwargs) if args else (args, kwargs | {"hidden_states": h})
 
-        saved = [layers[j].__dict__.get("forward") for j in range(i)]  # an instance-level forward is kept
-        for j in range(i):
-            layers[j].forward = passthrough
         handle = layers[i].register_forward_pre_hook(feed, with_kwargs=True)
         try:
-            yield
+            with forwards_replaced([(layers[j], passthrough) for j in range(i)]):
+                yield
         finally:
             handle.remove()
-            for j, f in enumerate(saved):
-                del layers[j].forward
-                if f is not None:
-                    layers[j].forward = f
 
     @contextmanager
     def _ffn_keeping(self, i: int, keep: list[int]) -> Iterator[None]:

@@ -17,14 +17,19 @@ every earlier layer and so absorbs it.
 Attention is refit first, then the FFN sees the corrected attention. Per layer this costs one dense pass, one
 pruned attention-only pass and one pruned pass in which attention does not run again: it answers with the
 output projection's inputs kept from the attention pass, through the refit projection (`_attention_answers`; the
-same values it would compute). The layer's output comes from the FFN pass's captures. Each layer gets the call
-arguments the model gives it (post-LN: layer 0's, the same for every layer; pre-norm: each layer's own, captured
-once with use_cache=False: masks and rotary embeddings can differ per layer type).
-Memory: two copies of the calibration hidden states plus one layer's targets, kept FFN activations and attention
-projection inputs. With runtime.offload=cpu only the layer being refit sits on `device` (plus embeddings); the
-other layers stay on the CPU (pruneflow.blockwalk). With runtime.offload=disk no whole model is in memory: the
-dense side reads each block from the checkpoint as it runs, and the pruned side (`StreamedLayers`) reads each
-layer, slices it, refits it and writes it to a spill file.
+same values it would compute). The layer's output comes from the FFN pass's captures. The dense layer runs on a
+batch when the attention pass reaches that batch (`DenseTrace.layer`), so no layer's targets are held for every
+batch at once. Each layer gets the call arguments the model gives it (post-LN: layer 0's, the same for every
+layer; pre-norm: each layer's own, captured once with use_cache=False: masks and rotary embeddings can differ per
+layer type).
+Memory: two copies of the calibration hidden states (dense and pruned; post-LN also the FFN targets) plus one
+layer's kept FFN activations and attention projection inputs. correct.low_memory (`activations_dir`) holds
+neither: attention runs again in the FFN pass, and the FFN activations wait on disk, one file per batch, so the
+refit holds the two copies of the hidden states and one batch's activations. With runtime.offload=cpu only the
+layer being refit sits on `device` (plus embeddings); the other layers stay on the CPU (pruneflow.blockwalk).
+With runtime.offload=disk no whole model is in memory: the dense side reads each block from the checkpoint as
+it runs, and the pruned side (`StreamedLayers`) reads each layer, slices it, refits it and writes it to a spill
+file.
 """
 
 from __future__ import annotations
@@ -39,8 +44,8 @@ from tqdm.auto import tqdm
 
 from pruneflow import correction
 from pruneflow.adapters import SUBLAYERS, Adapter, get_adapter
-from pruneflow.blockwalk import (BlockWalk, Capture, DiskWeights, Offload, Residency, _Stop, gather_rows, moved_to,
-                                 token_rows)
+from pruneflow.blockwalk import (BlockWalk, Capture, DiskWeights, Offload, Residency, _Stop, forwards_replaced,
+                                 gather_rows, moved_to, token_rows)
 from pruneflow.moments import Accumulator
 from pruneflow.runtime import trim_freed_memory
 
@@ -77,11 +82,8 @@ def _attention_answers(adapter: Adapter, i: int, x: torch.Tensor | None) -> Iter
         return
     module, projected = adapter.attention_core(i)
     out = adapter.out_proj(i, "attn")
-    module.forward = lambda *args, **kwargs: (out(x) if projected else x, None)
-    try:
+    with forwards_replaced([(module, lambda *args, **kwargs: (out(x) if projected else x, None))]):
         yield
-    finally:
-        del module.forward  # back to the class's forward
 
 
 def _produce(adapter: Adapter, i: int, name: str, out, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -131,23 +133,25 @@ class DenseTrace:
             self.streams = self.walk.streams = [(None, *s[1:]) for s in self.streams]
         return hidden
 
-    @torch.inference_mode()
-    def targets(self, i: int) -> dict[str, list[torch.Tensor]]:
-        """Per batch, for layer i's attention and FFN: the LayerNorm inputs on the dense stream (post-LN), or
-        the residual stream after the sublayer (pre-norm: the FFN's norm input and the layer output)."""
+    @contextmanager
+    def layer(self, i: int) -> Iterator["DenseLayer | KeptTargets"]:
+        """Layer i's dense targets, batch by batch (DenseLayer): per batch, the LayerNorm inputs on the dense stream
+        (post-LN), or the residual stream after each sublayer (pre-norm: the FFN's norm input and the layer
+        output). The dense layer runs on a batch when that batch's attention target is asked for, so the refit
+        holds no layer's targets for every batch at once (pre-norm: none at all beyond the dense stream, whose
+        next state is the FFN target). A kept trace serves a later model its stored targets (KeptTargets)."""
         if i in self._targets:
             kept = self._targets[i]
-            return kept if isinstance(kept, dict) else self._read(kept)
-        if i != self.walk.next:
-            raise RuntimeError(f"dense targets are produced in layer order (asked {i}, next {self.walk.next})")
+            yield KeptTargets(kept if isinstance(kept, dict) else self._read(kept))
+            return
         ad = self.adapter
         watch = ({n: ad.norm(i, n) for n in SUBLAYERS} if ad.post_norm else {"attn": ad.residual_norm(i, "ffn")})
-        seen = self.walk.step(i, watch)
-        out = {n: [v if v is not None else h for v, h in zip(seen.get(n, [None] * len(self.walk.hidden)),
-                                                               self.walk.hidden)] for n in SUBLAYERS}
+        with self.walk.stepping(i) as step:
+            dense = DenseLayer(step, watch, self.keep)
+            yield dense
         if self.keep:
-            self._targets[i] = out if self.spill_dir is None else self._write(i, out)
-        return out
+            kept = {"attn": dense.kept_attn, "ffn": [dense.target("ffn", b) for b in range(len(self.walk.hidden))]}
+            self._targets[i] = kept if self.spill_dir is None else self._write(i, kept)
 
     def _write(self, i: int, targets: dict[str, list[torch.Tensor]]) -> Path:
         path = Path(self.spill_dir) / f"dense_targets_{i}.safetensors"
@@ -157,6 +161,40 @@ class DenseTrace:
     def _read(self, path: Path) -> dict[str, list[torch.Tensor]]:
         flat = load_file(path, device=str(self.device))
         return {name: [flat[f"{name}.{b}"] for b in range(len(self.walk.hidden))] for name in SUBLAYERS}
+
+
+class DenseLayer:
+    """One dense layer's refit targets, made batch by batch: target("attn", b) runs the layer on batch b (batches in
+    order, each once); target("ffn", b) is then that batch's FFN target."""
+
+    def __init__(self, step, watch: dict, keep: bool):
+        self.step, self.watch = step, watch
+        self.ffn: list[torch.Tensor | None] = []  # None: the target is the layer's output (the walk's hidden states)
+        self.kept_attn: list[torch.Tensor] | None = [] if keep else None
+
+    def target(self, name: str, b: int) -> torch.Tensor:
+        hidden = self.step.walk.hidden
+        if name == "attn":
+            values = self.step.run(b, self.watch)
+            self.ffn.append(values.get("ffn"))
+            t = values.get("attn")
+            t = hidden[b] if t is None else t
+            if self.kept_attn is not None:
+                self.kept_attn.append(t)
+            return t
+        if b >= self.step.done:
+            raise RuntimeError(f"dense trace: batch {b}'s FFN target asked before its attention target")
+        return hidden[b] if self.ffn[b] is None else self.ffn[b]
+
+
+class KeptTargets:
+    """A kept trace's targets of one layer, as DenseLayer serves them."""
+
+    def __init__(self, targets: dict[str, list[torch.Tensor]]):
+        self.targets = targets
+
+    def target(self, name: str, b: int) -> torch.Tensor:
+        return self.targets[name][b]
 
 
 class SlicedLayers:
@@ -197,6 +235,31 @@ class StreamedLayers:
         self.disk.spill(self.model, layer, self.spill_dir / f"layer-{i:03d}.safetensors")
 
 
+class HeldActivations:
+    """Per batch, a tensor that waits from one pass over the batches to the next: in memory, or with `directory`
+    in one file per batch there (read back, and deleted, when taken)."""
+
+    def __init__(self, directory: Path | None = None):
+        self.directory = None if directory is None else Path(directory)
+        self.held: dict[int, torch.Tensor] = {}
+
+    def put(self, b: int, x: torch.Tensor) -> None:
+        if self.directory is None:
+            self.held[b] = x
+        else:
+            save_file({"x": x.detach().contiguous().cpu()}, self.directory / f"batch-{b:05d}.safetensors")
+            self.held[b] = x.device  # where it goes back to
+
+    def take(self, b: int) -> torch.Tensor:
+        x = self.held.pop(b)
+        if self.directory is None:
+            return x
+        path = self.directory / f"batch-{b:05d}.safetensors"
+        x = load_file(path, device=str(x))["x"]
+        path.unlink()
+        return x
+
+
 def first_token_weights(mask: torch.Tensor, shape: torch.Size, weight: float,
                         rows: torch.Tensor | None) -> torch.Tensor | None:
     """Per real token of a (B, T) batch, in token_rows order: `weight` at each sequence's first real token, 1
@@ -211,13 +274,17 @@ def first_token_weights(mask: torch.Tensor, shape: torch.Size, weight: float,
 
 @torch.inference_mode()
 def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrace, device: str,
-                       layers: SlicedLayers | StreamedLayers | None = None, first_token_weight: float = 1.0
-                       ) -> list[dict]:
+                       layers: SlicedLayers | StreamedLayers | None = None, first_token_weight: float = 1.0,
+                       activations_dir: Path | None = None) -> list[dict]:
     """Refit every pruned layer in order against the dense model's `trace` (see the module docstring).
     layers: where the pruned layers come from (default: `pruned_model` is sliced and in memory).
     first_token_weight: each sequence's first token counts this many times in every fit. A decoder builds its
     attention sink there (SmolLM2: a massive activation, residual RMS about 940 against 5-30, that later layers'
-    attention relies on), one token in 512 that an unweighted fit can get wrong for first tokens it never saw."""
+    attention relies on), one token in 512 that an unweighted fit can get wrong for first tokens it never saw.
+    activations_dir (correct.low_memory): hold no per-batch activations for a whole layer: the FFN pass runs
+    attention again instead of taking its result from the attention pass, and the FFN output projection's
+    inputs wait for the layer's output in one file per batch here. Same values, bit for bit; the refit then holds
+    two copies of the calibration hidden states (dense and pruned) and one batch's activations."""
     pruned = get_adapter(pruned_model)
     post = pruned.post_norm
     layers = layers or SlicedLayers(pruned_model, device, trace.offload)
@@ -228,13 +295,13 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                for s, h, r in zip(streams, h_pruned, rows)]
     report = []
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
-        trim_freed_memory()  # what slicing freed, then each finished layer's targets and kept activations
+        trim_freed_memory()  # what slicing freed, then each finished layer's kept activations
         # Each batch's attention target, attention input and spent layer input are let go as soon as used, so
-        # a layer holds one set of kept FFN activations at its peak, not that plus the targets and inputs.
-        target = dict(trace.targets(i))
-        target["attn"] = list(target["attn"])  # our own list to empty (a kept trace still holds its own)
+        # a layer holds one set of kept FFN activations at its peak (none with activations_dir), not that plus
+        # the targets and inputs.
         attn_inputs: list[torch.Tensor | None] = []  # per batch: the attention output projection's input
-        with layers.layer(i) as layer:
+        kept = HeldActivations(activations_dir)  # per batch: the FFN output projection's input
+        with layers.layer(i) as layer, trace.layer(i) as dense:
             for name in SUBLAYERS:
                 out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
                 # The attention pass can stop where the FFN starts; the FFN pass's captures give the layer output.
@@ -242,7 +309,7 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                 # post-LN: the LayerNorm input s (residual = s − this sublayer's output); pre-norm: the residual
                 # stream entering the sublayer, as the norm in front of it reads it.
                 watch = {"x": out} | ({"s": pruned.norm(i, name)} if post else {"r": pruned.residual_norm(i, name)})
-                acc, kept = Accumulator(), []  # kept: per batch, the FFN output projection's input
+                acc = Accumulator()
                 for b in range(len(streams)):
                     args, kwargs = trace.call(i, b)
                     answer = attn_inputs[b] if name == "ffn" and attn_inputs else None
@@ -258,17 +325,15 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                     else:
                         residual = cap.values["r"]
                         x = cap.values["x"] if out is not None else residual[..., :0]
-                    t = target[name][b] - residual  # the dense value minus the pruned residual
+                    t = dense.target(name, b) - residual  # the dense value minus the pruned residual
                     acc.add(gather_rows(x, rows[b]), gather_rows(t, rows[b]), weights[b])
                     if name == "ffn":
-                        kept.append(x)
+                        kept.put(b, x)
                         h_pruned[b] = residual  # the layer input is spent: the FFN's residual takes its place
                         if attn_inputs:
                             attn_inputs[b] = None
-                    else:
-                        target["attn"][b] = None
-                        if out is not None:  # the FFN pass takes attention's result from here
-                            attn_inputs.append(x)
+                    elif out is not None and activations_dir is None:  # the FFN pass takes attention's result
+                        attn_inputs.append(x)
                 m = acc.moments()
                 if out is None:
                     W_K, b = m.cov_tx, None  # (d, 0): only the mean output remains
@@ -279,9 +344,8 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                 report.append(correction.fit_report(i, name, m, W_K, b, W_new, b_new, None))
                 correction.write_fit(pruned, i, name, W_new, b_new)
             out = None if pruned.empty(i, "ffn") else pruned.out_proj(i, "ffn")
-            for b, x in enumerate(kept):
-                h = _produce(pruned, i, "ffn", out, x, h_pruned[b]) + h_pruned[b]
-                kept[b] = None
+            for b in range(len(streams)):
+                h = _produce(pruned, i, "ffn", out, kept.take(b), h_pruned[b]) + h_pruned[b]
                 # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
                 h_pruned[b] = pruned.norm(i, "ffn")(h) if post else h
         _after_layer(i, h_pruned)

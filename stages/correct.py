@@ -3,7 +3,7 @@
 reads   data/dense, data/stats, data/select/selection.json, data/prepared/calib.jsonl (sequential only)
 writes  data/pruned/ (model.safetensors, dense config.json, manifest.json, tokenizer; plus plain/, an ordinary
         Hugging Face checkpoint, when the shape allows: a uniformly pruned Llama-family decoder), metrics/correct.json
-params  correct (return_memory: a lower peak for more time, by default with offload=disk), collect (tokenization of
+params  correct (return_memory and low_memory: a lower peak for more time, by default with offload=disk), collect (tokenization of
         calibration text, sequential only), task, runtime (runtime.offload: with disk and the sequential
         correction, neither model is ever whole in memory: the dense side reads each block from data/dense as it
         runs, the pruned side reads each layer, slices and refits it, and writes it to a spill folder beside
@@ -62,12 +62,19 @@ def run(params: Params, layout: Layout) -> dict:
 
     stats = None if uses_sequential(p) else load_statistics(layout.stats)
     layout.pruned.parent.mkdir(parents=True, exist_ok=True)
-    # the streamed layers' spill sits beside the output and goes once the model is saved from it
+    low_memory = uses_sequential(p) and (p.low_memory if p.low_memory is not None else offload == "disk")
+    # the streamed layers' spill (and the low-memory refit's activations) sit beside the output and go once the
+    # model is saved
     spill = (tempfile.TemporaryDirectory(prefix=f".{layout.pruned.name}-spill-", dir=layout.pruned.parent)
-             if streamed else contextlib.nullcontext())
+             if streamed or low_memory else contextlib.nullcontext())
     with spill as spill_dir:
+        activations_dir = None
+        if low_memory:
+            activations_dir = Path(spill_dir) / "activations"
+            activations_dir.mkdir()
         pruned_model, plan, report = prune_to_selection(model, stats, sel, p, device, dense_trace,
-                                                        spill_dir=spill_dir and Path(spill_dir))
+                                                        spill_dir=Path(spill_dir) if streamed else None,
+                                                        activations_dir=activations_dir)
         seconds = time.perf_counter() - t0
         info = {k: sel[k] for k in ("budget", "cost", "allocation", "seq_len", "ranking", "flops_dense",
                                     "flops_pruned", "flops_ratio")}
@@ -81,7 +88,8 @@ def run(params: Params, layout: Layout) -> dict:
             plain = None
             log.info("no plain Hugging Face checkpoint (the manifest format holds the model): %s", why)
     mean = lambda key: sum(r[key] for r in report) / len(report)  # noqa: E731
-    metrics = {"method": p.method, "sequential": uses_sequential(p), "offload": offload, "seconds": round(seconds, 2),
+    metrics = {"method": p.method, "sequential": uses_sequential(p), "offload": offload, "low_memory": low_memory,
+               "seconds": round(seconds, 2),
                "load_seconds": round(t0 - start, 2),
                **peak_memory(),
                "mean_rel_error_sliced": mean("rel_error_sliced"), "mean_rel_error_corrected": mean("rel_error_corrected"),

@@ -136,3 +136,19 @@ def test_collect_without_votes_and_kcm_says_what_to_set():
     with pytest.raises(ValueError, match="collect.vote_topk"):
         rank_model(adapter, stats, RankParams(method="kcm"), progress=False)
     rank_model(adapter, stats, RankParams(method="kcm", kcm={"d2": "energy"}), progress=False)  # needs no votes
+
+
+def test_forwards_replaced_puts_back_an_instance_forward_and_the_class_s():
+    from pruneflow.blockwalk import forwards_replaced
+
+    plain, hooked = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    own = lambda x: x * 0 + 7  # noqa: E731  (an instance-level forward, as accelerate's hooks install)
+    hooked.forward = own
+    x = torch.ones(1, 2)
+    with forwards_replaced([(plain, lambda x: x + 1), (hooked, lambda x: x - 1)]):
+        assert torch.equal(plain(x), x + 1) and torch.equal(hooked(x), x - 1)
+    assert "forward" not in plain.__dict__ and hooked.forward is own
+    assert torch.equal(hooked(x), torch.full((1, 2), 7.0))
+    with pytest.raises(RuntimeError), forwards_replaced([(plain, lambda x: x)]):
+        raise RuntimeError("restored on the way out too")
+    assert "forward" not in plain.__dict__

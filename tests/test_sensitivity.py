@@ -150,3 +150,19 @@ def test_lm_calibration_subsets_are_evenly_spaced(tmp_path):
         [0, 5, 10, 14, 19]
     assert first(task.calibration_batches(tmp_path, None, CollectParams(batch_size=3), "cpu", 3)) == [0, 10, 19]
     assert len(task.calibration_batches(tmp_path, None, CollectParams(batch_size=3), "cpu")) == 20
+
+
+@pytest.mark.parametrize("factory", [tiny_bert, tiny_distilbert])
+def test_classifier_reference_loss_is_the_dense_forward_s_exactly(factory):
+    """The probe takes the classifier's dense loss from the task (KL to itself: 0) instead of a forward pass; a
+    forward gives exactly that, so the rises are the same numbers either way."""
+    from pruneflow.tasks import get_task
+
+    model = factory(layers=2)
+    with torch.no_grad():
+        model.classifier.weight.mul_(300)
+    task = get_task("classification")
+    batches = [tiny_inputs(seed=s) for s in (1, 2)]
+    reference = task.calibration_reference(model, batches)
+    assert task.reference_loss(reference) == task.calibration_loss(model, batches, reference) == 0.0
+    assert get_task("causal_lm").reference_loss(None) is None  # an NLL needs its forward

@@ -168,3 +168,49 @@ def test_correct_stage_with_disk_offload_writes_the_same_model(lm_project, monke
         shutil.rmtree(pruned)
         run_structured(lm_project, params, ("correct",), "--set", f"correct.return_memory={setting}")
         assert len(returned) == calls
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "bert"])
+def test_low_memory_refit_is_bit_identical_and_holds_one_batch(family, tmp_path, monkeypatch):
+    """correct.low_memory: attention runs again in the FFN pass and the FFN activations wait on disk, one file
+    per batch; the weights and the fit report are the same bit for bit, in memory and streamed from disk."""
+    from pruneflow import sequential
+
+    model = FACTORIES[family](layers=3)
+    model.save_pretrained(tmp_path / "dense")
+    auto = AutoModelForCausalLM if family in DECODERS else AutoModelForSequenceClassification
+    lazy = lambda: lazy_model(auto, tmp_path / "dense", attn=model.config._attn_implementation)  # noqa: E731
+    keep_heads, keep_neurons = keep_lists(get_adapter(model))
+    plan = Plan(keep_heads, keep_neurons)
+    trace = lambda: DenseTrace(lazy(), batches_for(family), "cpu", offload="disk")  # noqa: E731
+
+    reference = plan.apply(copy.deepcopy(model))
+    report = correct_sequential(reference, "lstsq", 1e-3, trace(), "cpu")
+
+    held = tmp_path / "activations"
+    held.mkdir()
+    waiting = []  # files waiting after each FFN pass (seen from the first take of the layer's output loop)
+    take = sequential.HeldActivations.take
+    monkeypatch.setattr(sequential.HeldActivations, "take", lambda self, b: (
+        waiting.append(len(list(held.iterdir()))) if b == 0 else None) or take(self, b))
+    answered = []
+    attention_answers = sequential._attention_answers
+    monkeypatch.setattr(sequential, "_attention_answers", lambda ad, i, x: (
+        answered.append(x is not None) or attention_answers(ad, i, x)))
+
+    low = plan.apply(copy.deepcopy(model))
+    assert correct_sequential(low, "lstsq", 1e-3, trace(), "cpu", activations_dir=held) == report
+    n_batches = len(batches_for(family))
+    assert waiting == [n_batches] * 3  # every batch's activations on disk, none in memory
+    assert not any(answered)  # nothing held from the attention pass: attention ran again
+    assert list(held.iterdir()) == []  # each file went once read
+
+    (tmp_path / "spill").mkdir()
+    streamed = lazy()
+    layers = StreamedLayers(streamed, keep_heads, keep_neurons, tmp_path / "spill", "cpu")
+    assert correct_sequential(streamed, "lstsq", 1e-3, trace(), "cpu", layers, activations_dir=held) == report
+    for (name, a), (_, b) in zip(sorted(reference.state_dict().items()), sorted(low.state_dict().items())):
+        assert torch.equal(a, b), name
+    save_pruned(reference, tmp_path / "a", plan, {"x": 1})
+    save_pruned(streamed, tmp_path / "b", plan, {"x": 1})
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()

@@ -137,6 +137,11 @@ class Task(ABC):
         """What `calibration_loss` compares against, from the dense model on the same batches (None: nothing)."""
         return None
 
+    def reference_loss(self, reference: Any) -> float | None:
+        """`calibration_loss` of the dense model itself where the reference alone says it (a loss relative to the
+        dense model's own outputs is 0 there), so no forward pass is spent on it; None: it takes one."""
+        return None
+
     @abstractmethod
     def calibration_loss(self, model: nn.Module, batches: list[dict], reference: Any) -> float:
         """A label-free loss of `model` on calibration batches, lower is better (what forward-only searches such

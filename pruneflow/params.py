@@ -170,11 +170,10 @@ class CorrectParams(Section):
     return_memory: bool | None = Field(None, description="mmap large buffers so freed memory goes back to the OS "
                                        "(a lower peak RSS; the refit is 1.3-1.5x slower on CPU); null: only with "
                                        "runtime.offload=disk, the mode for models that barely fit")
-    low_memory: bool | None = Field(None, description="sequential: hold no activations of a whole layer between the "
-                                    "refit's passes (attention runs again in the FFN pass, the FFN activations wait "
-                                    "on disk beside the output): the refit holds two copies of the calibration hidden "
-                                    "states and one batch's activations; same weights, bit for bit; null: only with "
-                                    "runtime.offload=disk")
+    low_memory: bool | None = Field(None, description="sequential: the refit holds one batch's tensors, not every "
+                                    "batch's (the dense and pruned hidden states and the FFN activations wait on disk "
+                                    "beside the output, one file per batch; attention runs again in the FFN pass); "
+                                    "same weights, bit for bit; null: only with runtime.offload=disk")
 
 
 class EvaluateParams(Section):

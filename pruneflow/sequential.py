@@ -23,9 +23,10 @@ batch at once. Each layer gets the call arguments the model gives it (post-LN: l
 layer; pre-norm: each layer's own, captured once with use_cache=False: masks and rotary embeddings can differ per
 layer type).
 Memory: two copies of the calibration hidden states (dense and pruned; post-LN also the FFN targets) plus one
-layer's kept FFN activations and attention projection inputs. correct.low_memory (`activations_dir`) holds
-neither: attention runs again in the FFN pass, and the FFN activations wait on disk, one file per batch, so the
-refit holds the two copies of the hidden states and one batch's activations. With runtime.offload=cpu only the
+layer's kept FFN activations and attention projection inputs. correct.low_memory (`activations_dir`) holds none
+of them for every batch at once: both streams and the FFN activations wait on disk, one file per batch, and
+attention runs again in the FFN pass, so the refit holds one batch's tensors (disk traffic: about eight reads or
+writes of the hidden states per layer). With runtime.offload=cpu only the
 layer being refit sits on `device` (plus embeddings); the other layers stay on the CPU (pruneflow.blockwalk).
 With runtime.offload=disk no whole model is in memory: the dense side reads each block from the checkpoint as
 it runs, and the pruned side (`StreamedLayers`) reads each layer, slices it, refits it and writes it to a spill
@@ -133,6 +134,13 @@ class DenseTrace:
             self.streams = self.walk.streams = [(None, *s[1:]) for s in self.streams]
         return hidden
 
+    def hold_on_disk(self, directory: Path) -> None:
+        """The dense stream's hidden states in one file per batch under `directory` from now on (correct.low_memory;
+        the stream is read and written one batch at a time). Not for a kept trace, whose targets are reused."""
+        if self.keep:
+            raise ValueError("a kept dense trace holds its targets for later models: it cannot go to disk this way")
+        self.walk.hidden = BatchesOnDisk(directory, self.walk.hidden)
+
     @contextmanager
     def layer(self, i: int) -> Iterator["DenseLayer | KeptTargets"]:
         """Layer i's dense targets, batch by batch (DenseLayer): per batch, the LayerNorm inputs on the dense stream
@@ -235,29 +243,54 @@ class StreamedLayers:
         self.disk.spill(self.model, layer, self.spill_dir / f"layer-{i:03d}.safetensors")
 
 
-class HeldActivations:
-    """Per batch, a tensor that waits from one pass over the batches to the next: in memory, or with `directory`
-    in one file per batch there (read back, and deleted, when taken)."""
+class BatchesOnDisk:
+    """Per batch, a tensor kept in a file of its own under `directory` instead of in memory (correct.low_memory):
+    indexed like the list of per-batch tensors it stands for; each read loads that batch's tensor (back on the
+    device it came from), each assignment writes it. `take(b)` reads it and deletes the file."""
 
-    def __init__(self, directory: Path | None = None):
-        self.directory = None if directory is None else Path(directory)
-        self.held: dict[int, torch.Tensor] = {}
+    def __init__(self, directory: Path, tensors: list[torch.Tensor] | None = None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.devices: dict[int, torch.device] = {}
+        for b, x in enumerate(tensors or []):
+            self[b] = x
 
-    def put(self, b: int, x: torch.Tensor) -> None:
-        if self.directory is None:
-            self.held[b] = x
-        else:
-            save_file({"x": x.detach().contiguous().cpu()}, self.directory / f"batch-{b:05d}.safetensors")
-            self.held[b] = x.device  # where it goes back to
+    def _path(self, b: int) -> Path:
+        return self.directory / f"batch-{b:05d}.safetensors"
+
+    def __setitem__(self, b: int, x: torch.Tensor) -> None:
+        save_file({"x": x.detach().contiguous().cpu()}, self._path(b))
+        self.devices[b] = x.device
+
+    def __getitem__(self, b: int) -> torch.Tensor:
+        return load_file(self._path(b), device=str(self.devices[b]))["x"]
+
+    def __len__(self) -> int:
+        return len(self.devices)
 
     def take(self, b: int) -> torch.Tensor:
-        x = self.held.pop(b)
-        if self.directory is None:
-            return x
-        path = self.directory / f"batch-{b:05d}.safetensors"
-        x = load_file(path, device=str(x))["x"]
-        path.unlink()
+        x = self[b]
+        self._path(b).unlink()
+        del self.devices[b]
         return x
+
+    def clear(self) -> None:
+        for b in list(self.devices):
+            self.take(b)
+
+
+class HeldActivations:
+    """Per batch, a tensor that waits from one pass over the batches to the next: in memory, or with `directory`
+    on disk (BatchesOnDisk); taken once."""
+
+    def __init__(self, directory: Path | None = None):
+        self.held: dict[int, torch.Tensor] | BatchesOnDisk = {} if directory is None else BatchesOnDisk(directory)
+
+    def put(self, b: int, x: torch.Tensor) -> None:
+        self.held[b] = x
+
+    def take(self, b: int) -> torch.Tensor:
+        return self.held.pop(b) if isinstance(self.held, dict) else self.held.take(b)
 
 
 def first_token_weights(mask: torch.Tensor, shape: torch.Size, weight: float,
@@ -281,10 +314,11 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
     first_token_weight: each sequence's first token counts this many times in every fit. A decoder builds its
     attention sink there (SmolLM2: a massive activation, residual RMS about 940 against 5-30, that later layers'
     attention relies on), one token in 512 that an unweighted fit can get wrong for first tokens it never saw.
-    activations_dir (correct.low_memory): hold no per-batch activations for a whole layer: the FFN pass runs
-    attention again instead of taking its result from the attention pass, and the FFN output projection's
-    inputs wait for the layer's output in one file per batch here. Same values, bit for bit; the refit then holds
-    two copies of the calibration hidden states (dense and pruned) and one batch's activations."""
+    activations_dir (correct.low_memory): hold nothing per batch for every batch at once. The dense and the
+    pruned stream of hidden states live in one file per batch under this folder (read and written a batch at a
+    time), the FFN pass runs attention again instead of taking its result from the attention pass, and the FFN
+    output projection's inputs wait there for the layer's output. Same values, bit for bit; memory holds one
+    batch's tensors and one layer's weights and moments."""
     pruned = get_adapter(pruned_model)
     post = pruned.post_norm
     layers = layers or SlicedLayers(pruned_model, device, trace.offload)
@@ -293,6 +327,9 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
     rows = [token_rows(s[3]) for s in streams]  # real tokens per batch (None: all, nothing to gather)
     weights = [first_token_weights(s[3], h.shape[:2], first_token_weight, r)
                for s, h, r in zip(streams, h_pruned, rows)]
+    if activations_dir is not None:  # both streams of hidden states on disk: memory holds one batch's
+        h_pruned = BatchesOnDisk(Path(activations_dir) / "pruned", h_pruned)
+        trace.hold_on_disk(Path(activations_dir) / "dense")
     report = []
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
         trim_freed_memory()  # what slicing freed, then each finished layer's kept activations
@@ -300,7 +337,7 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
         # a layer holds one set of kept FFN activations at its peak (none with activations_dir), not that plus
         # the targets and inputs.
         attn_inputs: list[torch.Tensor | None] = []  # per batch: the attention output projection's input
-        kept = HeldActivations(activations_dir)  # per batch: the FFN output projection's input
+        kept = HeldActivations(activations_dir and Path(activations_dir) / "ffn")  # the FFN out-projection's input
         with layers.layer(i) as layer, trace.layer(i) as dense:
             for name in SUBLAYERS:
                 out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
@@ -345,8 +382,12 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                 correction.write_fit(pruned, i, name, W_new, b_new)
             out = None if pruned.empty(i, "ffn") else pruned.out_proj(i, "ffn")
             for b in range(len(streams)):
-                h = _produce(pruned, i, "ffn", out, kept.take(b), h_pruned[b]) + h_pruned[b]
+                residual = h_pruned[b]
+                h = _produce(pruned, i, "ffn", out, kept.take(b), residual) + residual
                 # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
                 h_pruned[b] = pruned.norm(i, "ffn")(h) if post else h
         _after_layer(i, h_pruned)
+    if activations_dir is not None:  # nothing reads the streams' last states
+        h_pruned.clear()
+        trace.walk.hidden.clear()
     return report

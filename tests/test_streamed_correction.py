@@ -172,8 +172,9 @@ def test_correct_stage_with_disk_offload_writes_the_same_model(lm_project, monke
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "bert"])
 def test_low_memory_refit_is_bit_identical_and_holds_one_batch(family, tmp_path, monkeypatch):
-    """correct.low_memory: attention runs again in the FFN pass and the FFN activations wait on disk, one file
-    per batch; the weights and the fit report are the same bit for bit, in memory and streamed from disk."""
+    """correct.low_memory: the dense and pruned hidden states and the FFN activations wait on disk, one file per
+    batch, and attention runs again in the FFN pass; the weights and the fit report are the same bit for bit,
+    in memory and streamed from disk, and nothing is left behind."""
     from pruneflow import sequential
 
     model = FACTORIES[family](layers=3)
@@ -189,21 +190,23 @@ def test_low_memory_refit_is_bit_identical_and_holds_one_batch(family, tmp_path,
 
     held = tmp_path / "activations"
     held.mkdir()
-    waiting = []  # files waiting after each FFN pass (seen from the first take of the layer's output loop)
-    take = sequential.HeldActivations.take
-    monkeypatch.setattr(sequential.HeldActivations, "take", lambda self, b: (
-        waiting.append(len(list(held.iterdir()))) if b == 0 else None) or take(self, b))
+    n_batches = len(batches_for(family))
+    on_disk = []  # per layer, after its refit: files per folder, and what the streams are
+    monkeypatch.setattr(sequential, "_after_layer", lambda i, h: on_disk.append(
+        (sorted((d.name, len(list(d.iterdir()))) for d in held.iterdir()), type(h).__name__)))
     answered = []
     attention_answers = sequential._attention_answers
     monkeypatch.setattr(sequential, "_attention_answers", lambda ad, i, x: (
         answered.append(x is not None) or attention_answers(ad, i, x)))
 
     low = plan.apply(copy.deepcopy(model))
-    assert correct_sequential(low, "lstsq", 1e-3, trace(), "cpu", activations_dir=held) == report
-    n_batches = len(batches_for(family))
-    assert waiting == [n_batches] * 3  # every batch's activations on disk, none in memory
+    dense_trace = trace()
+    assert correct_sequential(low, "lstsq", 1e-3, dense_trace, "cpu", activations_dir=held) == report
+    # both streams a file per batch, the FFN activations taken as used: no per-batch list in memory
+    assert on_disk == [([("dense", n_batches), ("ffn", 0), ("pruned", n_batches)], "BatchesOnDisk")] * 3
+    assert isinstance(dense_trace.walk.hidden, sequential.BatchesOnDisk)
     assert not any(answered)  # nothing held from the attention pass: attention ran again
-    assert list(held.iterdir()) == []  # each file went once read
+    assert all(not list(d.iterdir()) for d in held.iterdir())  # every file gone at the end
 
     (tmp_path / "spill").mkdir()
     streamed = lazy()
@@ -214,3 +217,9 @@ def test_low_memory_refit_is_bit_identical_and_holds_one_batch(family, tmp_path,
     save_pruned(reference, tmp_path / "a", plan, {"x": 1})
     save_pruned(streamed, tmp_path / "b", plan, {"x": 1})
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+
+
+def test_a_kept_trace_refuses_to_go_to_disk():
+    trace = DenseTrace(FACTORIES["llama"](layers=2), batches_for("llama"), "cpu", keep=True)
+    with pytest.raises(ValueError, match="kept dense trace"):
+        trace.hold_on_disk("unused")

@@ -341,11 +341,16 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
         with layers.layer(i) as layer, trace.layer(i) as dense:
             for name in SUBLAYERS:
                 out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
-                # The attention pass can stop where the FFN starts; the FFN pass's captures give the layer output.
-                stop_at = pruned.ffn_in(i)[0] if name == "attn" and not pruned.empty(i, "ffn") else None
                 # post-LN: the LayerNorm input s (residual = s − this sublayer's output); pre-norm: the residual
                 # stream entering the sublayer, as the norm in front of it reads it.
                 watch = {"x": out} | ({"s": pruned.norm(i, name)} if post else {"r": pruned.residual_norm(i, name)})
+                # Each pass stops once its captures are in: the attention pass where the FFN starts; the FFN pass
+                # at its output projection (pre-norm: its output is recomputed with the refit weights anyway) or
+                # at the LayerNorm after it (post-LN). The layer output comes from the FFN pass's captures.
+                if name == "attn":
+                    stop_at = None if pruned.empty(i, "ffn") else pruned.ffn_in(i)[0]
+                else:
+                    stop_at = watch["s"] if post else out
                 acc = Accumulator()
                 for b in range(len(streams)):
                     args, kwargs = trace.call(i, b)

@@ -69,13 +69,18 @@ def keep_lists(ad):
     return heads, neurons
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "bert"])
-def test_streamed_layers_equal_in_memory_slicing(family, tmp_path):
+def saved_tiny(family, tmp_path):
+    """A tiny 3-layer model saved under tmp_path/dense, a maker of its lazy (meta-device) twin, and keep_lists."""
     model = FACTORIES[family](layers=3)
     model.save_pretrained(tmp_path / "dense")
     auto = AutoModelForCausalLM if family in DECODERS else AutoModelForSequenceClassification
     lazy = lambda: lazy_model(auto, tmp_path / "dense", attn=model.config._attn_implementation)  # noqa: E731
-    keep_heads, keep_neurons = keep_lists(get_adapter(model))
+    return model, lazy, *keep_lists(get_adapter(model))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "bert"])
+def test_streamed_layers_equal_in_memory_slicing(family, tmp_path):
+    model, lazy, keep_heads, keep_neurons = saved_tiny(family, tmp_path)
     plan = Plan(keep_heads, keep_neurons)
 
     in_memory = plan.apply(copy.deepcopy(model))
@@ -177,11 +182,7 @@ def test_low_memory_refit_is_bit_identical_and_holds_one_batch(family, tmp_path,
     in memory and streamed from disk, and nothing is left behind."""
     from pruneflow import sequential
 
-    model = FACTORIES[family](layers=3)
-    model.save_pretrained(tmp_path / "dense")
-    auto = AutoModelForCausalLM if family in DECODERS else AutoModelForSequenceClassification
-    lazy = lambda: lazy_model(auto, tmp_path / "dense", attn=model.config._attn_implementation)  # noqa: E731
-    keep_heads, keep_neurons = keep_lists(get_adapter(model))
+    model, lazy, keep_heads, keep_neurons = saved_tiny(family, tmp_path)
     plan = Plan(keep_heads, keep_neurons)
     trace = lambda: DenseTrace(lazy(), batches_for(family), "cpu", offload="disk")  # noqa: E731
 

@@ -28,7 +28,8 @@ def prune_to_selection(dense_model: nn.Module, stats: Statistics, sel: dict, p: 
     spill_dir (sequential, runtime.offload=disk): `dense_model` is a lazy model (blockwalk.lazy_model), sliced
     layer by layer as the refit reaches it; the finished layers are written to spill_dir, and the returned model
     (that same lazy model, sliced) reads its weights from there and from the checkpoint (`disk_weights`).
-    activations_dir (sequential, correct.low_memory): where the refit's FFN activations wait between its passes."""
+    activations_dir (sequential, correct.low_memory): where the refit keeps its per-batch tensors (both streams of
+    hidden states, the FFN activations) instead of memory."""
     plan = Plan(sel["keep_heads"], sel["keep_neurons"])
     if spill_dir is not None and not uses_sequential(p):
         raise ValueError("streaming the pruned layers through a spill needs the sequential correction")

@@ -246,7 +246,7 @@ class StreamedLayers:
 class BatchesOnDisk:
     """Per batch, a tensor kept in a file of its own under `directory` instead of in memory (correct.low_memory):
     indexed like the list of per-batch tensors it stands for; each read loads that batch's tensor (back on the
-    device it came from), each assignment writes it. `take(b)` reads it and deletes the file."""
+    device it came from), each assignment writes it. `pop(b)` reads it and deletes the file, as a dict's would."""
 
     def __init__(self, directory: Path, tensors: list[torch.Tensor] | None = None):
         self.directory = Path(directory)
@@ -268,7 +268,7 @@ class BatchesOnDisk:
     def __len__(self) -> int:
         return len(self.devices)
 
-    def take(self, b: int) -> torch.Tensor:
+    def pop(self, b: int) -> torch.Tensor:
         x = self[b]
         self._path(b).unlink()
         del self.devices[b]
@@ -276,21 +276,7 @@ class BatchesOnDisk:
 
     def clear(self) -> None:
         for b in list(self.devices):
-            self.take(b)
-
-
-class HeldActivations:
-    """Per batch, a tensor that waits from one pass over the batches to the next: in memory, or with `directory`
-    on disk (BatchesOnDisk); taken once."""
-
-    def __init__(self, directory: Path | None = None):
-        self.held: dict[int, torch.Tensor] | BatchesOnDisk = {} if directory is None else BatchesOnDisk(directory)
-
-    def put(self, b: int, x: torch.Tensor) -> None:
-        self.held[b] = x
-
-    def take(self, b: int) -> torch.Tensor:
-        return self.held.pop(b) if isinstance(self.held, dict) else self.held.take(b)
+            self.pop(b)
 
 
 def first_token_weights(mask: torch.Tensor, shape: torch.Size, weight: float,
@@ -337,7 +323,8 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
         # a layer holds one set of kept FFN activations at its peak (none with activations_dir), not that plus
         # the targets and inputs.
         attn_inputs: list[torch.Tensor | None] = []  # per batch: the attention output projection's input
-        kept = HeldActivations(activations_dir and Path(activations_dir) / "ffn")  # the FFN out-projection's input
+        # per batch, the FFN output projection's input, until the layer's output is made from it
+        kept = {} if activations_dir is None else BatchesOnDisk(Path(activations_dir) / "ffn")
         with layers.layer(i) as layer, trace.layer(i) as dense:
             for name in SUBLAYERS:
                 out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
@@ -370,7 +357,7 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                     t = dense.target(name, b) - residual  # the dense value minus the pruned residual
                     acc.add(gather_rows(x, rows[b]), gather_rows(t, rows[b]), weights[b])
                     if name == "ffn":
-                        kept.put(b, x)
+                        kept[b] = x
                         h_pruned[b] = residual  # the layer input is spent: the FFN's residual takes its place
                         if attn_inputs:
                             attn_inputs[b] = None
@@ -388,7 +375,7 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
             out = None if pruned.empty(i, "ffn") else pruned.out_proj(i, "ffn")
             for b in range(len(streams)):
                 residual = h_pruned[b]
-                h = _produce(pruned, i, "ffn", out, kept.take(b), residual) + residual
+                h = _produce(pruned, i, "ffn", out, kept.pop(b), residual) + residual
                 # post-LN: the layer's output is the FFN LayerNorm of (residual + FFN output)
                 h_pruned[b] = pruned.norm(i, "ffn")(h) if post else h
         _after_layer(i, h_pruned)

@@ -35,13 +35,18 @@ from pruneflow.tasks import get_task
 log = logging.getLogger("pruneflow.correct")
 
 
+def with_disk(switch: bool | None, offload: str) -> bool:
+    """A memory-for-time switch of correct: on or off as set; null: on only with runtime.offload=disk."""
+    return switch if switch is not None else offload == "disk"
+
+
 def run(params: Params, layout: Layout) -> dict:
     """Slice to the selection and refit the kept output projections."""
     p, c = params.correct, params.collect
     offload = params.runtime.offload
     # glibc keeps the heap that the refit's per-batch tensors free between layers (about 250 MiB on SmolLM2);
     # mmap gives it back, at the price of fresh pages for every large tensor
-    if p.return_memory or (p.return_memory is None and offload == "disk"):
+    if with_disk(p.return_memory, offload):
         release_freed_memory_to_os()
     device = setup_torch(params)
     start = time.perf_counter()
@@ -62,7 +67,7 @@ def run(params: Params, layout: Layout) -> dict:
 
     stats = None if uses_sequential(p) else load_statistics(layout.stats)
     layout.pruned.parent.mkdir(parents=True, exist_ok=True)
-    low_memory = uses_sequential(p) and (p.low_memory if p.low_memory is not None else offload == "disk")
+    low_memory = uses_sequential(p) and with_disk(p.low_memory, offload)
     # the streamed layers' spill (and the low-memory refit's activations) sit beside the output and go once the
     # model is saved
     spill = (tempfile.TemporaryDirectory(prefix=f".{layout.pruned.name}-spill-", dir=layout.pruned.parent)

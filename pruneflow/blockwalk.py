@@ -236,6 +236,27 @@ class DiskWeights:
                     sub._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
+def _holders(modules: list[nn.Module]) -> list[list[tuple[nn.Module, str]]]:
+    """The (module, name) pairs among `modules`' own parameters that hold one Parameter between them (tied weights:
+    an LM head and its embeddings), grouped."""
+    groups: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in modules:
+        for leaf, p in m._parameters.items():
+            if p is not None:
+                groups.setdefault(id(p), []).append((m, leaf))
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _tie(groups: list[list[tuple[nn.Module, str]]]) -> None:
+    """Every holder of a group gets one Parameter again, a real one where any is: loading and dropping replace a
+    Parameter under one name (the checkpoint holds a tied weight once), which would untie the others."""
+    for group in groups:
+        params = [m._parameters[leaf] for m, leaf in group]
+        shared = next((p for p in params if not p.is_meta), params[0])
+        for m, leaf in group:
+            m._parameters[leaf] = shared
+
+
 def _prefix(model: nn.Module, module: nn.Module) -> str:
     if module is model:
         return ""
@@ -272,13 +293,47 @@ class Residency:
             return
         in_layers = set(self.adapter.layers().modules())
         outside = [m for m in self.model.modules() if m not in in_layers and m._parameters]
+        tied = _holders(outside)
         for m in outside:
             self.disk.load(self.model, m, self.device, recurse=False, strict=False)
+        _tie(tied)
         try:
             yield
         finally:
             for m in outside:
                 DiskWeights.drop(m, recurse=False)
+            _tie(tied)
+
+    @contextmanager
+    def whole_model(self) -> Iterator[nn.Module]:
+        """The model callable as a whole for the duration (the sensitivity probe's forward passes, head included):
+        what is outside the layers on the device, and each layer's weights brought to the device when it is
+        called and let go when it returns (disk: read from the checkpoint; cpu: moved). A layer already resident
+        (inside `layer(i)`) runs as it is; a layer whose forward is replaced meanwhile (passed through) loads
+        nothing. offload=none: the model as it is."""
+        if self.offload == "none":
+            yield self.model
+            return
+        with self.outside_layers(), forwards_replaced([(L, self._loading(L)) for L in self.adapter.layers()]):
+            yield self.model
+
+    def _resident(self, layer: nn.Module) -> bool:
+        p = next(layer.parameters(), None)
+        if p is None:
+            return True
+        return not p.is_meta if self.offload == "disk" else p.device.type == torch.device(self.device).type
+
+    def _loading(self, layer: nn.Module) -> Callable:
+        """`layer`'s forward, run with its weights on the device for the call (see whole_model)."""
+        forward = layer.forward  # the class's, or an instance-level one (accelerate's hooks)
+        i = list(self.adapter.layers()).index(layer)
+
+        def run(*args, **kwargs):
+            if self._resident(layer):
+                return forward(*args, **kwargs)
+            with self.layer(i):
+                return forward(*args, **kwargs)
+        return run
 
     @contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:

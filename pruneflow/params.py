@@ -51,11 +51,11 @@ class RuntimeParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default")
     offload: Literal["none", "cpu", "disk"] = Field(
-        "none", description="where the weights are while collect and the sequential correction walk the model "
-                            "block by block: none = all on the device; cpu = in CPU memory, each block moved to "
-                            "the device in turn; disk = only the running block's weights, read from the dense "
-                            "checkpoint's safetensors (pruneflow/blockwalk.py); rank then reads one layer's "
-                            "weights at a time")
+        "none", description="where the weights are while collect, select's sensitivity probe and the sequential "
+                            "correction walk the model block by block: none = all on the device; cpu = in CPU "
+                            "memory, each block moved to the device in turn; disk = only the running block's "
+                            "weights, read from the dense checkpoint's safetensors (pruneflow/blockwalk.py); rank "
+                            "then reads one layer's weights at a time")
 
 
 class PrepareParams(Section):

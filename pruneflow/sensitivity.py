@@ -10,17 +10,22 @@ pass per layer, with the same values as a whole forward (blocks before i are den
 
 The pruned FFN is probed without slicing: its output projection gets the refit columns for the kept neurons and
 zeros for the others, which is the sliced layer's output up to the order of a sum (tested against slicing).
+
+With a blockwalk.Residency (runtime.offload cpu or disk) the probe holds one layer's weights at a time, as collect
+and the refit do: each layer is brought to the device when it runs and let go after, the probed layer for its
+whole probe (its projection is swapped meanwhile); what is outside the layers (embeddings, head) stays while the
+probe runs. The losses are the same as with the whole model resident (tested).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
 
 from pruneflow.adapters import Adapter
-from pruneflow.blockwalk import forwards_replaced
+from pruneflow.blockwalk import Residency, forwards_replaced
 from pruneflow.correction import fit, moments_from_dense
 
 
@@ -28,15 +33,17 @@ class LayerProbe:
     """probe(neurons) -> per layer, the rise of the calibration loss when that layer keeps neurons[i] FFN neurons
     (its most important by the ranking) and every other layer is dense."""
 
-    def __init__(self, model, adapter: Adapter, stats, ranking: dict, batches, task, method: str, ridge: float):
+    def __init__(self, model, adapter: Adapter, stats, ranking: dict, batches, task, method: str, ridge: float,
+                 residency: Residency | None = None):
+        """residency: where the weights are while the probe runs (None: the model as it is, on its device)."""
         self.model, self.adapter, self.stats, self.ranking = model, adapter, stats, ranking
-        self.task, self.method, self.ridge = task, method, ridge
+        self.task, self.method, self.ridge, self.residency = task, method, ridge, residency
         self.batches = list(batches)
         if not self.batches:
             raise ValueError("select.allocation=sensitivity: no calibration text to probe with")
         self._batch = 0
         self.seen: dict[tuple[int, ...], list[float]] = {}  # memo: the sweep's methods share a budget's probe
-        with torch.inference_mode():
+        with torch.inference_mode(), self._running():
             # A task whose reference is a dense forward (the classifier's predictions) hands over the block
             # inputs on the way; otherwise (the LM's has none) they take a forward of their own.
             with self._grabbing_inputs() as seen:
@@ -55,12 +62,17 @@ class LayerProbe:
 
     def _rises(self, neurons: list[int]) -> list[float]:
         rises = []
-        for i, n in enumerate(neurons):
-            f = self.ranking["layers"][i]["ffn"]
-            keep = sorted(f["order"][f["units"] - n:]) if n else []
-            with torch.inference_mode(), self._ffn_keeping(i, keep), self._starting_at(i):
-                rises.append(self._loss() - self.dense_loss)
+        with self._running():
+            for i, n in enumerate(neurons):
+                f = self.ranking["layers"][i]["ffn"]
+                keep = sorted(f["order"][f["units"] - n:]) if n else []
+                held = nullcontext() if self.residency is None else self.residency.layer(i)
+                with torch.inference_mode(), held, self._ffn_keeping(i, keep), self._starting_at(i):
+                    rises.append(self._loss() - self.dense_loss)
         return rises
+
+    def _running(self):
+        return nullcontext() if self.residency is None else self.residency.whole_model()
 
     def _indexed(self) -> Iterator[dict]:
         for b, enc in enumerate(self.batches):

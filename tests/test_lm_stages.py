@@ -273,7 +273,8 @@ def test_lm_benchmark_exports_checks_parity_and_times_both_models(lm_project):
 def test_structured_chain_with_refit_windows_and_the_sensitivity_allocation(lm_project):
     """lm.refit_windows: lm_prepare cuts a separate, larger set of windows that the sequential refit (and the
     forward-pass yardstick) reads while the statistics keep lm.calib_windows; select.allocation: sensitivity runs
-    its probe in select: the neurons are tilted (non-uniform, so no plain checkpoint) at the uniform cost."""
+    its probe in select: the neurons are tilted (non-uniform, so no plain checkpoint) at the uniform cost, and
+    with runtime.offload=disk (the probe walking layers from the checkpoint) it selects the same bytes."""
     from pruneflow.params import CollectParams
     from pruneflow.tasks import get_task
 
@@ -297,3 +298,9 @@ def test_structured_chain_with_refit_windows_and_the_sensitivity_allocation(lm_p
     assert sel["neurons_per_layer"][rise.index(max(rise))] > sel["neurons_per_layer"][rise.index(min(rise))]
     assert json.loads((m / "correct.json").read_text())["plain_checkpoint"] is None
     assert json.loads((m / "quality.json").read_text())["perplexity_pruned"] > 1
+    # runtime.offload=disk: the probe reads each layer from the checkpoint as it runs; the same selection
+    chosen = (lm_project / "data/lm/select/selection.json").read_bytes()
+    run_structured(lm_project, structured_params(lm_project, allocation="sensitivity", tilt=1.0, probe_samples=4),
+                   ("select",), "--set", "runtime.offload=disk")
+    assert (lm_project / "data/lm/select/selection.json").read_bytes() == chosen
+    assert json.loads((m / "select.json").read_text())["probe_loss_rise"] == rise

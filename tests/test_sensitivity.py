@@ -166,3 +166,42 @@ def test_classifier_reference_loss_is_the_dense_forward_s_exactly(factory):
     reference = task.calibration_reference(model, batches)
     assert task.reference_loss(reference) == task.calibration_loss(model, batches, reference) == 0.0
     assert get_task("causal_lm").reference_loss(None) is None  # an NLL needs its forward
+
+
+@pytest.mark.parametrize("factory,kind,offload", [(tiny_llama, "causal_lm", "disk"), (tiny_llama, "causal_lm", "cpu"),
+                                                   (tiny_bert, "classification", "disk")])
+def test_probe_with_offload_gives_the_same_rises_and_holds_one_layer(factory, kind, offload, tmp_path):
+    """runtime.offload for the probe (select with a model that barely fits): the rises are the in-memory probe's
+    to the bit; with disk, at most one layer's weights are real whenever a layer runs, nothing is after, and the
+    tied LM head (tiny_llama ties it to the embeddings) still runs as the embeddings' weight."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pruneflow.blockwalk import Residency, lazy_model
+    from pruneflow.sensitivity import LayerProbe
+
+    model = factory(layers=3)
+    if kind == "classification":
+        with torch.no_grad():
+            model.classifier.weight.mul_(300)
+    model.save_pretrained(tmp_path / "dense")
+    probe, stats, ranking, batches, task = _probe(model, kind=kind)
+    neurons = [4, 8, 2]
+    expected = probe(neurons)
+
+    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    lazy = lazy_model(auto, tmp_path / "dense", attn=model.config._attn_implementation)
+    if offload == "cpu":  # the whole model in CPU memory (on a GPU, each layer would move to it when it runs)
+        lazy = factory(layers=3)
+        lazy.load_state_dict(model.state_dict())
+    ad = get_adapter(lazy)
+    real_layers = []  # how many layers hold real weights, whenever one runs
+    for layer in ad.layers():
+        layer.register_forward_pre_hook(lambda m, a, k: real_layers.append(
+            sum(not next(blk.parameters()).is_meta for blk in ad.layers())), with_kwargs=True)
+    streamed = LayerProbe(lazy, ad, stats, ranking, batches, task, "lstsq", 1e-4, Residency(lazy, ad, "cpu", offload))
+    assert streamed(neurons) == expected
+    if offload == "disk":
+        assert real_layers and max(real_layers) == 1
+        assert all(p.is_meta for p in lazy.parameters())
+        if kind == "causal_lm":
+            assert lazy.lm_head.weight is lazy.model.embed_tokens.weight  # still tied, on the meta device

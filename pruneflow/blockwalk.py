@@ -1,6 +1,7 @@
 """Walking a model block by block: what its first block is called with is captured once per calibration batch,
 then each block is called directly on the previous block's outputs (llm-compressor's sequential pipeline,
-SparseGPT's layer loop). collect and the sequential correction walk this way.
+SparseGPT's layer loop). collect and the sequential correction walk this way; select's sensitivity probe calls
+the whole model, each block's weights brought in as it runs (Residency.whole_model).
 
 Where the weights are while a block runs is `runtime.offload`:
 - none: the whole model on the device;
@@ -42,6 +43,13 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return flat if rows is None else flat.index_select(0, rows)
 
 
+def token_mask(enc: dict) -> torch.Tensor:
+    """A batch's (B*T,) bool mask of real tokens: its attention mask, or every token where it has none (LM
+    windows)."""
+    mask = enc.get("attention_mask")
+    return (torch.ones_like(enc["input_ids"]) if mask is None else mask).reshape(-1).bool()
+
+
 def layer_inputs(model, adapter: Adapter, batches) -> list[tuple[torch.Tensor, tuple, dict, torch.Tensor]]:
     """(hidden, other args, kwargs, token mask) entering layer 0, per batch (post-LN encoders: every layer gets
     layer 0's arguments)."""
@@ -60,7 +68,7 @@ def layer_inputs(model, adapter: Adapter, batches) -> list[tuple[torch.Tensor, t
             except _Stop:
                 pass
             h, args, kwargs = captured.pop()
-            out.append((h, args, kwargs, enc["attention_mask"].reshape(-1).bool()))
+            out.append((h, args, kwargs, token_mask(enc)))
     finally:
         handle.remove()
     return out
@@ -95,7 +103,7 @@ def decoder_inputs(model, adapter: Adapter, batches) -> tuple[list, list[list[tu
             if len(calls) != len(layers):
                 raise RuntimeError(f"block walk: captured {len(calls)} layer calls, expected {len(layers)}")
             h, args, kwargs = calls[0]
-            streams.append((h, args, kwargs, enc["attention_mask"].reshape(-1).bool()))
+            streams.append((h, args, kwargs, token_mask(enc)))
             per_layer.append([(a, k) for _, a, k in calls])
     return streams, per_layer
 
@@ -314,7 +322,8 @@ class Residency:
         if self.offload == "none":
             yield self.model
             return
-        with self.outside_layers(), forwards_replaced([(L, self._loading(L)) for L in self.adapter.layers()]):
+        layers = self.adapter.layers()
+        with self.outside_layers(), forwards_replaced([(layers[i], self._loading(i)) for i in range(len(layers))]):
             yield self.model
 
     def _resident(self, layer: nn.Module) -> bool:
@@ -323,10 +332,10 @@ class Residency:
             return True
         return not p.is_meta if self.offload == "disk" else p.device.type == torch.device(self.device).type
 
-    def _loading(self, layer: nn.Module) -> Callable:
-        """`layer`'s forward, run with its weights on the device for the call (see whole_model)."""
+    def _loading(self, i: int) -> Callable:
+        """Layer i's forward, run with its weights on the device for the call (see whole_model)."""
+        layer = self.adapter.layers()[i]
         forward = layer.forward  # the class's, or an instance-level one (accelerate's hooks)
-        i = list(self.adapter.layers()).index(layer)
 
         def run(*args, **kwargs):
             if self._resident(layer):
@@ -394,7 +403,7 @@ class BlockWalk:
     def __init__(self, model: nn.Module, adapter: Adapter, batches, residency: Residency):
         self.adapter, self.residency = adapter, residency
         with residency.outside_layers(), torch.inference_mode():
-            if adapter.post_norm:
+            if adapter.structured and adapter.post_norm:  # (a sparsity-only family, Mamba, has no post-LN)
                 self.streams, self._calls = layer_inputs(model, adapter, batches), None
             else:
                 self.streams, self._calls = decoder_inputs(model, adapter, batches)

@@ -3,8 +3,9 @@ block by block, each block calibrated on the outputs of the already-pruned block
 SparseGPT and Wanda, METHODS.md §6). The per-layer math is in sparsity.py (pure functions); this module holds
 the methods (small typed classes, registered by name, their fields are their options) and the hook plumbing.
 
-Architecture-agnostic walk: the calibration batches run once up to the first block, whose call arguments are
-kept; each block is then called directly on the kept hidden states, with input hooks on its Linears
+Architecture-agnostic walk (pruneflow/blockwalk.py, as collect's and the refit's): the calibration batches run
+once up to the first block, and every block's call arguments are kept (masks and rotary embeddings differ per
+layer type in Gemma 3); each block is then called directly on the kept hidden states, with input hooks on its Linears
 (H = X Xᵀ / T, padding tokens excluded), pruned, and called again to make the next block's inputs. Pruning an
 L-block model costs about two full forward passes plus the per-layer solves. All of a block's Linears see the
 still-dense block's inputs in that one pass, then all are pruned.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterable
 
@@ -23,6 +25,7 @@ from torch import nn
 
 from pruneflow import sparsity as sp
 from pruneflow.adapters import Adapter
+from pruneflow.blockwalk import BlockWalk, Residency
 from pruneflow.plan import Plan
 
 
@@ -236,60 +239,6 @@ def block_moments(model: nn.Module, block: nn.Module, linears: dict[str, nn.Line
 
 
 @dataclass
-class _BlockCall:
-    """One calibration batch as the first block receives it: its positional and keyword arguments (the hidden
-    states, and what the model computed once for all blocks: attention masks, rotary embeddings, positions) and
-    which rows are real tokens. The walk swaps in the previous block's outputs and calls each block directly."""
-    args: tuple
-    kwargs: dict
-    attention_mask: torch.Tensor | None
-    tokens: int
-
-    @property
-    def hidden(self) -> torch.Tensor:
-        return self.args[0] if self.args else self.kwargs["hidden_states"]
-
-    def with_hidden(self, hidden: torch.Tensor) -> tuple[tuple, dict]:
-        if self.args:
-            return (hidden, *self.args[1:]), self.kwargs
-        return (), {**self.kwargs, "hidden_states": hidden}
-
-
-@torch.inference_mode()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[dict]) -> list[_BlockCall]:
-    """Run the model up to its first block once per batch and keep what that block was called with."""
-    calls: list[_BlockCall] = []
-    current: dict = {}
-
-    def grab(module, args, kwargs):
-        calls.append(_BlockCall(tuple(args), dict(kwargs), current.get("attention_mask"), current["tokens"]))
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    use_cache = getattr(model.config, "use_cache", None)
-    if use_cache is not None:
-        model.config.use_cache = False  # no KV cache objects in the captured kwargs
-    try:
-        for enc in batches:
-            current = {"attention_mask": enc.get("attention_mask"), "tokens": enc["input_ids"].numel()}
-            try:
-                model(**enc)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-        if use_cache is not None:
-            model.config.use_cache = use_cache
-    if not calls:
-        raise ValueError("no calibration text: the calibration set is empty")
-    return calls
-
-
-def _hidden_out(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-@dataclass
 class SparsifyReport:
     plan: Plan
     seconds: float
@@ -303,74 +252,75 @@ def sparsify_model(model: nn.Module, adapter: Adapter, batches: Callable[[], Ite
                    ) -> SparsifyReport:
     """Prune every Linear of every block of `model` in place (weights zeroed and updated), block by block.
 
-    The calibration batches run once up to the first block; their inputs to it are kept (hidden states plus
-    the shared keyword arguments) and each block is then called directly: once with input hooks for its
-    moments, and once after pruning to produce the next block's inputs, so block i is calibrated on the
-    outputs of the already-pruned blocks < i. Cost: about two full forward passes plus the solves, instead of
-    L/2 passes when each block re-runs the model's prefix. With `device` set, only the current block is moved
-    there (the rest of the model stays where it is, e.g. on CPU), so the device holds one block's weights plus
-    the calibration hidden states."""
+    The calibration batches run once up to the first block and are then walked block by block
+    (blockwalk.BlockWalk: each block is called directly, with the arguments the model gives that block, its own
+    masks and rotary embeddings where layer types differ): once with input hooks for its moments, and once after
+    pruning to produce the next block's inputs, so block i is calibrated on the outputs of the already-pruned
+    blocks < i. Cost: about two full forward passes plus the solves, instead of L/2 passes when each block re-runs
+    the model's prefix. With `device` set, only the current block is moved there (runtime.offload=cpu: the device
+    holds one block's weights plus the calibration hidden states), and the model is back where it was after."""
     t0 = time.perf_counter()
     names = {mod: name for name, mod in model.named_modules()}
     masks, patterns, layer_seconds, errors = {}, {}, {}, {}
-    blocks = list(adapter.layers())
-    t_fwd = time.perf_counter()
-    calls = capture_block_inputs(model, blocks[0], batches()) if method.needs_calibration else []
-    forward_seconds = time.perf_counter() - t_fwd
-    home = next(blocks[0].parameters()).device
-    if device is not None:
-        calls = [_to(c, device) for c in calls]
-    for block in blocks:
-        if device is not None:
-            block.to(device)
-        linears = block_linears(block, names[block])
-        for name, lin in linears.items():
-            if pattern.n and lin.in_features % pattern.m:
-                raise ValueError(f"{name}: {lin.in_features} inputs is not a multiple of {pattern.m} ({pattern.label})")
+    home = next(model.parameters()).device
+    residency = Residency(model, adapter, str(home) if device is None else device,
+                          "none" if device is None else "cpu")
+    try:
         t_fwd = time.perf_counter()
-        moments = {}
-        if method.needs_calibration:
-            acc = _Moments(linears, diagonal_only=not method.needs_hessian)
-            with torch.inference_mode():
-                for c in calls:
-                    acc.batch(c.attention_mask, c.tokens)
-                    block(*c.args, **c.kwargs)
-            moments = acc.result()
-            missing = [n for n in linears if n not in moments]
-            if missing:
-                raise ValueError(f"{missing[0]} received no input in its block's forward (is it called as a "
-                                 "module? the architecture's adapter must route its input through a hook)")
-        forward_seconds += time.perf_counter() - t_fwd
-        for name, lin in linears.items():
-            t1 = time.perf_counter()
-            W = lin.weight.data
-            H = moments[name].to(W.device) if name in moments else None
-            W_new, pruned = method.prune(W, H, pattern)
-            layer_seconds[name] = time.perf_counter() - t1
-            if H is not None and H.dim() == 2:
-                base = sp.reconstruction_error(W, torch.zeros_like(W), H)
-                errors[name] = sp.reconstruction_error(W, W_new, H) / max(base, 1e-30)
-            lin.weight.data.copy_(W_new.to(W.dtype).masked_fill(pruned.to(W.device), 0))
-            masks[name] = ~pruned.cpu()
-            patterns[name] = pattern.plan_pattern
-        t_fwd = time.perf_counter()
-        with torch.inference_mode():  # (no calls when the method needs no calibration)
-            calls = [_BlockCall(*c.with_hidden(_hidden_out(block(*c.args, **c.kwargs))), c.attention_mask, c.tokens)
-                     for c in calls]
-        forward_seconds += time.perf_counter() - t_fwd
+        walk = BlockWalk(model, adapter, batches(), residency) if method.needs_calibration else None
+        forward_seconds = time.perf_counter() - t_fwd
+        for i in range(adapter.num_layers):
+            with (walk.stepping(i) if walk is not None else nullcontext(None)) as step, \
+                    (nullcontext(step.layer) if walk is not None else residency.layer(i)) as block:
+                linears = block_linears(block, names[block])
+                for name, lin in linears.items():
+                    if pattern.n and lin.in_features % pattern.m:
+                        raise ValueError(f"{name}: {lin.in_features} inputs is not a multiple of {pattern.m} "
+                                         f"({pattern.label})")
+                t_fwd = time.perf_counter()
+                moments = {} if walk is None else _walk_moments(walk, i, block, linears, not method.needs_hessian)
+                forward_seconds += time.perf_counter() - t_fwd
+                for name, lin in linears.items():
+                    t1 = time.perf_counter()
+                    W = lin.weight.data
+                    H = moments[name].to(W.device) if name in moments else None
+                    W_new, pruned = method.prune(W, H, pattern)
+                    layer_seconds[name] = time.perf_counter() - t1
+                    if H is not None and H.dim() == 2:
+                        base = sp.reconstruction_error(W, torch.zeros_like(W), H)
+                        errors[name] = sp.reconstruction_error(W, W_new, H) / max(base, 1e-30)
+                    lin.weight.data.copy_(W_new.to(W.dtype).masked_fill(pruned.to(W.device), 0))
+                    masks[name] = ~pruned.cpu()
+                    patterns[name] = pattern.plan_pattern
+                t_fwd = time.perf_counter()
+                for b in range(0 if walk is None else len(walk.hidden)):  # the pruned block makes the next inputs
+                    step.run(b)
+                forward_seconds += time.perf_counter() - t_fwd
+            if progress is not None:
+                progress.update(1)
+    finally:
         if device is not None:
-            block.to(home)
-        if progress is not None:
-            progress.update(1)
+            model.to(home)
     return SparsifyReport(Plan(masks=masks, patterns=patterns), time.perf_counter() - t0, layer_seconds, errors,
                           forward_seconds)
 
 
-def _to(call: _BlockCall, device: str) -> _BlockCall:
-    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else (
-        tuple(move(x) for x in v) if isinstance(v, tuple) else v)
-    return _BlockCall(tuple(move(a) for a in call.args), {k: move(v) for k, v in call.kwargs.items()},
-                      call.attention_mask, call.tokens)
+@torch.inference_mode()
+def _walk_moments(walk: BlockWalk, i: int, block: nn.Module, linears: dict[str, nn.Linear],
+                  diagonal_only: bool) -> dict[str, torch.Tensor]:
+    """X Xᵀ / T of block i's Linears over the walk's batches, the block run on its current inputs (not advanced)."""
+    acc = _Moments(linears, diagonal_only)
+    with torch.inference_mode():
+        for b, mask in enumerate(walk.masks):
+            acc.batch(None if bool(mask.all()) else mask, mask.numel())
+            args, kwargs = walk.call(i, b)
+            block(walk.hidden[b], *args, **kwargs)
+    moments = acc.result()
+    missing = [n for n in linears if n not in moments]
+    if missing:
+        raise ValueError(f"{missing[0]} received no input in its block's forward (is it called as a module? the "
+                         "architecture's adapter must route its input through a hook)")
+    return moments
 
 
 def density(model: nn.Module, plan: Plan) -> float:
@@ -382,7 +332,7 @@ def density(model: nn.Module, plan: Plan) -> float:
 
 
 __all__ = ["Pattern", "SparsityMethod", "SPARSITY_METHODS", "register", "sparsity_method", "block_moments",
-           "capture_block_inputs", "sparsify_model", "SparsifyReport", "density"]
+           "sparsify_model", "SparsifyReport", "density"]
 
 
 def check_sparsify_params(section) -> None:

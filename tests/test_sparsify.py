@@ -13,7 +13,7 @@ from pruneflow.adapters import get_adapter
 from pruneflow.plan import load_pruned, read_plan, save_pruned
 from pruneflow.sparsify import (SPARSITY_METHODS, Pattern, SparsityMethod, block_linears, block_moments, density,
                                 sparsify_model, sparsity_method)
-from tiny import tiny_bert, tiny_inputs, tiny_llama
+from tiny import tiny_bert, tiny_gemma3, tiny_inputs, tiny_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,7 +127,8 @@ def test_walk_runs_each_block_twice_per_batch_and_device_mode_agrees():
     ref = tiny_llama(layers=3).eval()
     adapter = get_adapter(model)
     calls = [0] * 3
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+    # counted where the block computes (the capture passes each block's input through without running it)
+    handles = [b.self_attn.q_proj.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
                for i, b in enumerate(adapter.layers())]
     rep = sparsify_model(model, adapter, batches, sparsity_method("sparsegpt", {"blocksize": 16}), Pattern.parse("0.5"))
     for h in handles:
@@ -164,3 +165,34 @@ def test_every_linear_gets_its_own_inputs_moments():
         x = torch.cat([s.reshape(-1, s.shape[-1])[e["attention_mask"].reshape(-1).bool()]
                        for s, e in zip(seen[n], encs)]).double()
         assert torch.allclose(H[n], x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7), n
+
+
+class KeepAll(SparsityMethod):
+    """Prunes nothing and remembers the H it was given per Linear: the walk's moments of the dense model."""
+    name: ClassVar[str] = "keep_all"
+    seen: ClassVar[list] = []
+
+    def prune(self, W, H, pattern):
+        KeepAll.seen.append(H.clone())
+        return W.clone(), torch.zeros_like(W, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gemma3, tiny_bert], ids=["llama", "gemma3", "bert"])
+def test_every_block_gets_its_own_call_arguments(factory):
+    """The walk calls each block with what the model gives that block: Gemma 3's sixth layer attends globally
+    with its own mask and rotary embeddings while the five before it use a sliding window, and a walk that gave
+    every block the first block's arguments computed that layer's attention output, and so every Linear after it,
+    wrongly (o_proj, gate, up and down had other moments). Every Linear's H equals the whole model's, run up to
+    its block."""
+    model = factory(layers=6).eval()
+    adapter = get_adapter(model)
+    data = lambda: [tiny_inputs(batch=3, seq=12, seed=s) for s in (1, 2)]  # noqa: E731 (longer than the window)
+    KeepAll.seen = []
+    sparsify_model(model, adapter, data, KeepAll(), Pattern.parse("0.5"))
+    names, modules = {m: n for n, m in model.named_modules()}, dict(model.named_modules())
+    seen = iter(KeepAll.seen)
+    for block in adapter.layers():
+        linears = block_linears(block, names[block])
+        whole = block_moments(model, block, {n: modules[n] for n in linears}, data())
+        for name in linears:
+            assert torch.allclose(next(seen), whole[name], rtol=1e-8, atol=1e-10), name

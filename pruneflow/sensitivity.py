@@ -135,10 +135,12 @@ class LayerProbe:
         W, b = lin.weight.detach().clone(), (None if lin.bias is None else lin.bias.detach().clone())
         st = self.stats.sublayer(self.adapter, i, "ffn")
         cols = self.adapter.unit_columns("ffn", keep)
-        m = moments_from_dense(st.cov, st.mean, W, b, cols, st.n)
-        W_new, b_new = fit(self.method, m, W[:, cols], b, self.ridge, intercept=b is not None)
+        # the fit runs where the statistics are (the CPU), whichever device the layer runs on
+        W_s, b_s = W.to(st.cov.device), (None if b is None else b.to(st.cov.device))
+        m = moments_from_dense(st.cov, st.mean, W_s, b_s, cols, st.n)
+        W_new, b_new = fit(self.method, m, W_s[:, cols], b_s, self.ridge, intercept=b is not None)
         probe_W = torch.zeros_like(W)
-        probe_W[:, cols] = W_new.to(W.dtype)
+        probe_W[:, cols] = W_new.to(device=W.device, dtype=W.dtype)
         with torch.no_grad():
             lin.weight.copy_(probe_W)
             if b is not None and b_new is not None:

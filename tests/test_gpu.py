@@ -137,3 +137,44 @@ def test_blockwise_collect_on_cuda_matches_cpu(offload, tmp_path):
         torch.testing.assert_close(g.sxx.cpu(), st.sxx, rtol=1e-4, atol=1e-5)
         if st.votes is not None:
             assert float(g.votes.sum()) == float(st.votes.sum())
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu", "disk"])
+def test_sensitivity_probe_on_cuda_matches_cpu(offload, tmp_path):
+    """select's probe on the GPU (the whole model there, or each layer brought in as it runs) gives the CPU's
+    loss rises; with cpu/disk offload at most one block's weights are on the device when a block runs, and the
+    model is back on the CPU (cpu) or the meta device (disk) after."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    from transformers import AutoModelForCausalLM
+
+    from pruneflow.blockwalk import Residency, lazy_model
+    from pruneflow.params import RankParams
+    from pruneflow.ranking import rank_model
+    from pruneflow.sensitivity import LayerProbe
+    from pruneflow.stats import collect_statistics
+    from pruneflow.tasks import get_task
+
+    model = tiny_llama(layers=3)
+    model.save_pretrained(tmp_path / "m")
+    ad = get_adapter(model)
+    data = batches()
+    for enc in data:  # full windows, as the LM task's
+        enc["attention_mask"] = torch.ones_like(enc["attention_mask"])
+    stats = collect_statistics(model, ad, data, vote_topk=None)
+    ranking = rank_model(ad, stats, RankParams(method="activation", chunk=0.1), progress=False)
+    task = get_task("causal_lm")
+    ref = LayerProbe(model, ad, stats, ranking, data, task, "lstsq", 1e-4)([4, 8, 2])
+    gpu_model = lazy_model(AutoModelForCausalLM, tmp_path / "m") if offload == "disk" else copy.deepcopy(model)
+    gad = get_adapter(gpu_model)
+    resident = []
+    for b in gad.layers():
+        b.register_forward_pre_hook(lambda m, a: resident.append(
+            sum(any(p.is_cuda for p in blk.parameters()) for blk in gad.layers())))
+    cuda_data = [{k: v.cuda() for k, v in enc.items()} for enc in data]
+    probe = LayerProbe(gpu_model, gad, stats, ranking, cuda_data, task, "lstsq", 1e-4,
+                       Residency(gpu_model, gad, "cuda", offload))
+    got = probe([4, 8, 2])
+    assert got == pytest.approx(ref, rel=1e-3, abs=1e-5)
+    if offload != "none":
+        assert resident and max(resident) == 1
+        assert not any(p.is_cuda for blk in gad.layers() for p in blk.parameters())

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import re
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable
+from typing import Callable, ClassVar, Iterable, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,7 +25,7 @@ from torch import nn
 
 from pruneflow import sparsity as sp
 from pruneflow.adapters import Adapter
-from pruneflow.blockwalk import BlockWalk, Residency
+from pruneflow.blockwalk import BlockStep, BlockWalk, Residency
 from pruneflow.plan import Plan
 
 
@@ -270,8 +270,7 @@ def sparsify_model(model: nn.Module, adapter: Adapter, batches: Callable[[], Ite
         walk = BlockWalk(model, adapter, batches(), residency) if method.needs_calibration else None
         forward_seconds = time.perf_counter() - t_fwd
         for i in range(adapter.num_layers):
-            with (walk.stepping(i) if walk is not None else nullcontext(None)) as step, \
-                    (nullcontext(step.layer) if walk is not None else residency.layer(i)) as block:
+            with _block(walk, residency, i) as (block, step):
                 linears = block_linears(block, names[block])
                 for name, lin in linears.items():
                     if pattern.n and lin.in_features % pattern.m:
@@ -293,7 +292,7 @@ def sparsify_model(model: nn.Module, adapter: Adapter, batches: Callable[[], Ite
                     masks[name] = ~pruned.cpu()
                     patterns[name] = pattern.plan_pattern
                 t_fwd = time.perf_counter()
-                for b in range(0 if walk is None else len(walk.hidden)):  # the pruned block makes the next inputs
+                for b in range(0 if step is None else len(walk.hidden)):  # the pruned block makes the next inputs
                     step.run(b)
                 forward_seconds += time.perf_counter() - t_fwd
             if progress is not None:
@@ -305,16 +304,27 @@ def sparsify_model(model: nn.Module, adapter: Adapter, batches: Callable[[], Ite
                           forward_seconds)
 
 
+@contextmanager
+def _block(walk: BlockWalk | None, residency: Residency, i: int) -> Iterator[tuple[nn.Module, BlockStep | None]]:
+    """Block i with its weights on the device: the walk's step (run batch by batch), or, for a method that needs
+    no calibration (no walk), the layer alone."""
+    if walk is None:
+        with residency.layer(i) as layer:
+            yield layer, None
+    else:
+        with walk.stepping(i) as step:
+            yield step.layer, step
+
+
 @torch.inference_mode()
 def _walk_moments(walk: BlockWalk, i: int, block: nn.Module, linears: dict[str, nn.Linear],
                   diagonal_only: bool) -> dict[str, torch.Tensor]:
     """X Xᵀ / T of block i's Linears over the walk's batches, the block run on its current inputs (not advanced)."""
     acc = _Moments(linears, diagonal_only)
-    with torch.inference_mode():
-        for b, mask in enumerate(walk.masks):
-            acc.batch(None if bool(mask.all()) else mask, mask.numel())
-            args, kwargs = walk.call(i, b)
-            block(walk.hidden[b], *args, **kwargs)
+    for b, mask in enumerate(walk.masks):
+        acc.batch(None if bool(mask.all()) else mask, mask.numel())
+        args, kwargs = walk.call(i, b)
+        block(walk.hidden[b], *args, **kwargs)
     moments = acc.result()
     missing = [n for n in linears if n not in moments]
     if missing:

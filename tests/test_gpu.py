@@ -101,6 +101,15 @@ def test_streamed_refit_on_cuda_matches_cpu(tmp_path):
         got = gpu.disk_weights.tensor(f"model.layers.{k}")
         assert torch.allclose(v, got, atol=1e-3, rtol=1e-3), k
 
+def blocks_on_gpu(adapter) -> list[int]:
+    """Filled as the blocks run: per block call, how many blocks hold weights on the GPU."""
+    resident: list[int] = []
+    for b in adapter.layers():
+        b.register_forward_pre_hook(lambda m, a: resident.append(
+            sum(any(p.is_cuda for p in blk.parameters()) for blk in adapter.layers())))
+    return resident
+
+
 def tiny_tokenizer_for_tests(factory):
     import tempfile
     from pathlib import Path
@@ -124,10 +133,7 @@ def test_blockwise_collect_on_cuda_matches_cpu(offload, tmp_path):
     ref = collect_blockwise(BlockWalk(model, ad, batches(), Residency(model, ad, "cpu", "none")))
     gpu_model = lazy_model(AutoModelForCausalLM, tmp_path / "m") if offload == "disk" else copy.deepcopy(model)
     gad = get_adapter(gpu_model)
-    resident = []
-    for b in gad.layers():
-        b.register_forward_pre_hook(lambda m, a: resident.append(
-            sum(any(p.is_cuda for p in blk.parameters()) for blk in gad.layers())))
+    resident = blocks_on_gpu(gad)
     cuda_batches = [{k: v.cuda() for k, v in enc.items()} for enc in batches()]
     got = collect_blockwise(BlockWalk(gpu_model, gad, cuda_batches, Residency(gpu_model, gad, "cuda", offload)))
     assert max(resident) == (ad.num_layers if offload == "none" else 1)
@@ -166,10 +172,7 @@ def test_sensitivity_probe_on_cuda_matches_cpu(offload, tmp_path):
     ref = LayerProbe(model, ad, stats, ranking, data, task, "lstsq", 1e-4)([4, 8, 2])
     gpu_model = lazy_model(AutoModelForCausalLM, tmp_path / "m") if offload == "disk" else copy.deepcopy(model)
     gad = get_adapter(gpu_model)
-    resident = []
-    for b in gad.layers():
-        b.register_forward_pre_hook(lambda m, a: resident.append(
-            sum(any(p.is_cuda for p in blk.parameters()) for blk in gad.layers())))
+    resident = blocks_on_gpu(gad)
     cuda_data = [{k: v.cuda() for k, v in enc.items()} for enc in data]
     probe = LayerProbe(gpu_model, gad, stats, ranking, cuda_data, task, "lstsq", 1e-4,
                        Residency(gpu_model, gad, "cuda", offload))

@@ -167,6 +167,10 @@ class CorrectParams(Section):
     max_samples: int | None = Field(None, ge=1, description="sequential: use at most this many calibration sentences")
     first_token_weight: float = Field(1.0, gt=0, description="sequential: each sequence's first token counts this many "
                                       "times in the refit (decoders build their attention sink there)")
+    first_token_weight_where: Literal["all", "heads_pruned"] = Field(
+        "all", description="sequential: the layers whose fits weight the first token: all, or only those that lose "
+                           "attention heads (the sink is at risk there; SmolLM2 at 0.8, every head kept, did better "
+                           "unweighted)")
     return_memory: bool | None = Field(None, description="mmap large buffers so freed memory goes back to the OS "
                                        "(a lower peak RSS; the refit is 1.3-1.5x slower on CPU); null: only with "
                                        "runtime.offload=disk, the mode for models that barely fit")

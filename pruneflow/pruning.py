@@ -44,7 +44,8 @@ def prune_to_selection(dense_model: nn.Module, stats: Statistics, sel: dict, p: 
             pruned_model = dense_model
             layers = StreamedLayers(pruned_model, plan.keep_heads, plan.keep_neurons, spill_dir, device)
         report = correct_sequential(pruned_model, p.method, p.ridge, dense_trace(), device, layers,
-                                    first_token_weight=p.first_token_weight, activations_dir=activations_dir)
+                                    first_token_weight=p.first_token_weight,
+                                    first_token_where=p.first_token_weight_where, activations_dir=activations_dir)
     else:
         pruned_model = plan.apply(copy.deepcopy(dense_model))
         keep = {"attn": sel["keep_heads"], "ffn": sel["keep_neurons"]}

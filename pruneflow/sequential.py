@@ -279,6 +279,11 @@ class BatchesOnDisk:
             self.pop(b)
 
 
+def _kept_heads(adapter: Adapter, i: int) -> int:
+    """How many query heads layer i of a sliced model has (0 where its attention was emptied)."""
+    return 0 if adapter.empty(i, "attn") else adapter.attn_out(i).in_features // adapter.head_dim
+
+
 def first_token_weights(mask: torch.Tensor, shape: torch.Size, weight: float,
                         rows: torch.Tensor | None) -> torch.Tensor | None:
     """Per real token of a (B, T) batch, in token_rows order: `weight` at each sequence's first real token, 1
@@ -294,17 +299,20 @@ def first_token_weights(mask: torch.Tensor, shape: torch.Size, weight: float,
 @torch.inference_mode()
 def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrace, device: str,
                        layers: SlicedLayers | StreamedLayers | None = None, first_token_weight: float = 1.0,
-                       activations_dir: Path | None = None) -> list[dict]:
+                       first_token_where: str = "all", activations_dir: Path | None = None) -> list[dict]:
     """Refit every pruned layer in order against the dense model's `trace` (see the module docstring).
     layers: where the pruned layers come from (default: `pruned_model` is sliced and in memory).
     first_token_weight: each sequence's first token counts this many times in every fit. A decoder builds its
     attention sink there (SmolLM2: a massive activation, residual RMS about 940 against 5-30, that later layers'
     attention relies on), one token in 512 that an unweighted fit can get wrong for first tokens it never saw.
+    first_token_where: "all" layers' fits, or only those of layers that lose attention heads ("heads_pruned").
     activations_dir (correct.low_memory): hold nothing per batch for every batch at once. The dense and the
     pruned stream of hidden states live in one file per batch under this folder (read and written a batch at a
     time), the FFN pass runs attention again instead of taking its result from the attention pass, and the FFN
     output projection's inputs wait there for the layer's output. Same values, bit for bit; memory holds one
     batch's tensors and one layer's weights and moments."""
+    if first_token_where not in ("all", "heads_pruned"):
+        raise ValueError(f"first_token_where={first_token_where!r}: expected all or heads_pruned")
     pruned = get_adapter(pruned_model)
     post = pruned.post_norm
     layers = layers or SlicedLayers(pruned_model, device, trace.offload)
@@ -326,6 +334,8 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
         # per batch, the FFN output projection's input, until the layer's output is made from it
         kept = {} if activations_dir is None else BatchesOnDisk(Path(activations_dir) / "ffn")
         with layers.layer(i) as layer, trace.layer(i) as dense:
+            weighted = first_token_where == "all" or _kept_heads(pruned, i) < trace.adapter.dense_heads
+            layer_weights = weights if weighted else [None] * len(weights)
             for name in SUBLAYERS:
                 out = None if pruned.empty(i, name) else pruned.out_proj(i, name)
                 # post-LN: the LayerNorm input s (residual = s − this sublayer's output); pre-norm: the residual
@@ -355,7 +365,7 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
                         residual = cap.values["r"]
                         x = cap.values["x"] if out is not None else residual[..., :0]
                     t = dense.target(name, b) - residual  # the dense value minus the pruned residual
-                    acc.add(gather_rows(x, rows[b]), gather_rows(t, rows[b]), weights[b])
+                    acc.add(gather_rows(x, rows[b]), gather_rows(t, rows[b]), layer_weights[b])
                     if name == "ffn":
                         kept[b] = x
                         h_pruned[b] = residual  # the layer input is spent: the FFN's residual takes its place

@@ -290,3 +290,36 @@ def test_first_token_weight_reaches_every_fit_and_keeps_exact_refits_exact(tok, 
             firsts = int((w == weight).sum())
             assert w.shape == (rows,) and firsts == 16 and int((w == 1).sum()) == rows - firsts  # 16 texts a batch
     torch.testing.assert_close(logits(pruned, tok), logits(dense, tok), rtol=1e-5, atol=1e-5)
+
+
+def test_first_token_weight_only_where_heads_are_pruned(tok, monkeypatch):
+    """correct.first_token_weight_where: heads_pruned weights the first token in the fits of the layers that lose
+    attention heads and in no other (layer 0 keeps its 4 heads, layers 1 and 2 keep 2); so layer 0's refit is
+    the unweighted one, bit for bit, and a model that keeps every head is refit as with weight 1."""
+    dense = factory("llama")(layers=3)
+    ad = get_adapter(dense)
+    plan = Plan([[0, 1, 2, 3], [0, 2], [1, 3]], [list(range(0, ad.dense_neurons, 2))] * 3)
+    seen = []
+    add = sequential.Accumulator.add
+    monkeypatch.setattr(sequential.Accumulator, "add", lambda self, x, t=None, weight=None: (
+        seen.append(weight is not None), add(self, x, t, weight))[1])
+
+    def refit(plan, weight, where):
+        pruned = plan.apply(copy.deepcopy(dense))
+        sequential.correct_sequential(pruned, "lstsq", 1e-3, trace(dense, tok), "cpu", first_token_weight=weight,
+                                      first_token_where=where)
+        return pruned
+
+    seen.clear()
+    only = refit(plan, 16.0, "heads_pruned")
+    per_layer = len(seen) // 3
+    assert seen == [False] * per_layer + [True] * 2 * per_layer
+    unweighted, everywhere = refit(plan, 1.0, "all"), refit(plan, 16.0, "all")
+    layer0 = lambda m: m.model.layers[0].state_dict()  # noqa: E731
+    assert all(torch.equal(v, layer0(unweighted)[k]) for k, v in layer0(only).items())
+    assert not all(torch.equal(v, layer0(everywhere)[k]) for k, v in layer0(only).items())
+    keep_all = Plan([[0, 1, 2, 3]] * 3, plan.keep_neurons)
+    a, b = refit(keep_all, 16.0, "heads_pruned").state_dict(), refit(keep_all, 1.0, "all").state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    with pytest.raises(ValueError, match="heads_pruned"):
+        refit(plan, 16.0, "somewhere")

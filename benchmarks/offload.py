@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.prune_time import differing
+from benchmarks.prune_time import describe_differing, differing
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "lm/params.yaml"
@@ -198,10 +198,7 @@ def main() -> None:
     for m, a in agreement.items():
         print(f"{m} vs {first}: " + ", ".join(f"{k} {v:.2e}" for k, v in a.items()))
     for m, names in (differs or {}).items():
-        if names is None:  # the pipeline has not made these outputs (e.g. run up to select only)
-            print(f"{m}: not compared with the pipeline's outputs (it has not produced them)")
-        else:
-            print(f"{m}: outputs not byte-identical to the pipeline's own: {names or 'none'}")
+        print(f"{m}: outputs {describe_differing(names, str(pipeline.relative_to(ROOT)))}")
     if not args.random:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

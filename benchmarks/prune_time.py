@@ -63,6 +63,13 @@ def differing(run: Path, data: Path) -> list[str] | None:
     return [n for n in names if (run / n).read_bytes() != (data / n).read_bytes()]
 
 
+def describe_differing(names: list[str] | None, data: str) -> str:
+    """differing()'s answer in words, for the benchmarks' printouts."""
+    if names is None:
+        return f"not compared with {data}/ (the pipeline has not produced these outputs)"
+    return f"differing from {data}/: {', '.join(names)}" if names else f"byte-identical to {data}/"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
@@ -80,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             x = runs[-1]
             print(f"run {r + 1}: " + ", ".join(f"{s} {x['seconds'][s]:.1f} s" for s in STAGES)
                   + f" = {x['prune_seconds']:.1f} s; forward {x['forward_seconds']:.1f} s; "
-                  f"ratio {x['prune_over_forward']:.2f}; outputs differing from {args.data}/: "
-                  f"{x['differs_from_pipeline']}", flush=True)
+                  f"ratio {x['prune_over_forward']:.2f}; outputs "
+                  f"{describe_differing(x['differs_from_pipeline'], args.data)}", flush=True)
     ratios = [x["prune_over_forward"] for x in runs]
     out = {"params": args.params, "runs": runs, "median_prune_over_forward": round(statistics.median(ratios), 3),
            "min": min(ratios), "max": max(ratios)}

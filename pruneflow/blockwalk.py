@@ -50,9 +50,19 @@ def token_mask(enc: dict) -> torch.Tensor:
     return (torch.ones_like(enc["input_ids"]) if mask is None else mask).reshape(-1).bool()
 
 
-def layer_inputs(model, adapter: Adapter, batches) -> list[tuple[torch.Tensor, tuple, dict, torch.Tensor]]:
+def _stored(h: torch.Tensor, store, b: int) -> torch.Tensor | None:
+    """Batch b's captured hidden states: as they are, or (with a store, e.g. sequential.BatchesOnDisk) written
+    to it at once and None in their place, so no batch's capture waits in memory for the others."""
+    if store is None:
+        return h
+    store[b] = h
+    return None
+
+
+def layer_inputs(model, adapter: Adapter, batches,
+                 store=None) -> list[tuple[torch.Tensor | None, tuple, dict, torch.Tensor]]:
     """(hidden, other args, kwargs, token mask) entering layer 0, per batch (post-LN encoders: every layer gets
-    layer 0's arguments)."""
+    layer 0's arguments). store: where the hidden states go instead (_stored)."""
     captured = []
 
     def grab(module, args, kwargs):
@@ -68,16 +78,17 @@ def layer_inputs(model, adapter: Adapter, batches) -> list[tuple[torch.Tensor, t
             except _Stop:
                 pass
             h, args, kwargs = captured.pop()
-            out.append((h, args, kwargs, token_mask(enc)))
+            out.append((_stored(h, store, len(out)), args, kwargs, token_mask(enc)))
     finally:
         handle.remove()
     return out
 
 
-def decoder_inputs(model, adapter: Adapter, batches) -> tuple[list, list[list[tuple[tuple, dict]]]]:
+def decoder_inputs(model, adapter: Adapter, batches, store=None) -> tuple[list, list[list[tuple[tuple, dict]]]]:
     """Per batch: (hidden, args, kwargs, token mask) entering layer 0, and every layer's own (args, kwargs): masks
     and rotary embeddings can differ per layer type. Each layer's forward is swapped for a recorder that passes
-    the hidden states through, so no layer runs (and, with offload=disk, no layer weight is needed)."""
+    the hidden states through, so no layer runs (and, with offload=disk, no layer weight is needed).
+    store: where the hidden states go instead (_stored)."""
     layers, calls = adapter.layers(), []
 
     def recorder(i):
@@ -103,8 +114,9 @@ def decoder_inputs(model, adapter: Adapter, batches) -> tuple[list, list[list[tu
             if len(calls) != len(layers):
                 raise RuntimeError(f"block walk: captured {len(calls)} layer calls, expected {len(layers)}")
             h, args, kwargs = calls[0]
-            streams.append((h, args, kwargs, token_mask(enc)))
+            streams.append((_stored(h, store, len(streams)), args, kwargs, token_mask(enc)))
             per_layer.append([(a, k) for _, a, k in calls])
+            calls.clear()  # the last reference to this batch's hidden states (with a store)
     return streams, per_layer
 
 
@@ -398,18 +410,20 @@ def hidden_of(output) -> torch.Tensor:
 class BlockWalk:
     """The calibration batches as they enter each block, advanced one block at a time: `step(i)` runs block i on
     every batch (with the given pre-hook captures and a per-batch callback) and replaces the hidden states by its
-    outputs. Post-LN encoders call every block with layer 0's arguments; decoders with each layer's own."""
+    outputs. Post-LN encoders call every block with layer 0's arguments; decoders with each layer's own.
+    store: where the per-batch hidden states live instead of a list in memory (sequential.BatchesOnDisk: one
+    file per batch, written as each batch is captured); `hidden` is then the store."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter, batches, residency: Residency):
+    def __init__(self, model: nn.Module, adapter: Adapter, batches, residency: Residency, store=None):
         self.adapter, self.residency = adapter, residency
         with residency.outside_layers(), torch.inference_mode():
             if adapter.structured and adapter.post_norm:  # (a sparsity-only family, Mamba, has no post-LN)
-                self.streams, self._calls = layer_inputs(model, adapter, batches), None
+                self.streams, self._calls = layer_inputs(model, adapter, batches, store), None
             else:
-                self.streams, self._calls = decoder_inputs(model, adapter, batches)
+                self.streams, self._calls = decoder_inputs(model, adapter, batches, store)
         if not self.streams:
             raise ValueError("no calibration text: the calibration set is empty (check the calibration data)")
-        self.hidden = [s[0] for s in self.streams]
+        self.hidden = [s[0] for s in self.streams] if store is None else store
         self.next = 0
 
     @property

@@ -24,9 +24,9 @@ layer; pre-norm: each layer's own, captured once with use_cache=False: masks and
 layer type).
 Memory: two copies of the calibration hidden states (dense and pruned; post-LN also the FFN targets) plus one
 layer's kept FFN activations and attention projection inputs. correct.low_memory (`activations_dir`) holds none
-of them for every batch at once: both streams and the FFN activations wait on disk, one file per batch, and
-attention runs again in the FFN pass, so the refit holds one batch's tensors (disk traffic: about eight reads or
-writes of the hidden states per layer). With runtime.offload=cpu only the
+of them for every batch at once: both streams and the FFN activations wait on disk, one file per batch (the
+dense stream from its capture on: `DenseTrace(hidden_dir=)`), and attention runs again in the FFN pass, so the
+refit holds one batch's tensors (disk traffic: about eight reads or writes of the hidden states per layer). With runtime.offload=cpu only the
 layer being refit sits on `device` (plus embeddings); the other layers stay on the CPU (pruneflow.blockwalk).
 With runtime.offload=disk no whole model is in memory: the dense side reads each block from the checkpoint as
 it runs, and the pruned side (`StreamedLayers`) reads each layer, slices it, refits it and writes it to a spill
@@ -104,41 +104,71 @@ class DenseTrace:
     windows of 512 tokens, 18 GB at 256."""
 
     def __init__(self, dense_model, batches, device: str, keep: bool = False, offload: Offload = "none",
-                 spill_dir: Path | None = None):
+                 spill_dir: Path | None = None, hidden_dir: Path | None = None):
         """batches: the calibration batches (Task.calibration_batches) on `device`; each is kept, as hidden states.
         offload: where the dense weights live between layers (blockwalk; "disk" needs blockwalk.lazy_model).
-        spill_dir: with keep=True, where the kept targets are written instead of held (an existing directory)."""
+        spill_dir: with keep=True, where the kept targets are written instead of held (an existing directory).
+        hidden_dir (correct.low_memory): the dense stream's hidden states in one file per batch there from the
+        capture on (BatchesOnDisk), so they are never all in memory, not even as they enter layer 0."""
         self.adapter = get_adapter(dense_model)
         if self.adapter.sublayer_out_norm:
             raise ValueError(f"correct.sequential does not support {self.adapter.family}: its sublayer outputs pass "
                              "through their own norms before the residual add, so the refit target is not linear "
                              "in the output projection (set correct.sequential=false)")
+        if keep and hidden_dir is not None:
+            raise ValueError("a kept dense trace holds its targets for later models: its stream cannot go to disk")
         self.device, self.offload, self.keep, self.spill_dir = device, offload, keep, spill_dir
-        self.walk = BlockWalk(dense_model, self.adapter, batches, Residency(dense_model, self.adapter, device, offload))
+        store = None if hidden_dir is None else BatchesOnDisk(hidden_dir)
+        self.walk = BlockWalk(dense_model, self.adapter, batches, Residency(dense_model, self.adapter, device, offload),
+                              store=store)
         self.streams = self.walk.streams
         self._targets: dict[int, dict[str, list[torch.Tensor]] | Path] = {}
         # every target has the shape of the hidden states entering layer 0, one per sublayer and layer
-        self.kept_bytes = (len(SUBLAYERS) * self.adapter.num_layers
-                           * sum(s[0].numel() * s[0].element_size() for s in self.streams))
+        self.kept_bytes = len(SUBLAYERS) * self.adapter.num_layers * sum(
+            shape.numel() * dtype.itemsize for shape, dtype in zip(self.input_shapes(), self._input_dtypes()))
 
     def call(self, i: int, b: int) -> tuple[tuple, dict]:
         """The (args, kwargs) layer i gets on batch b, besides the hidden states."""
         return self.walk.call(i, b)
 
-    def inputs(self) -> list[torch.Tensor]:
-        """The calibration hidden states entering layer 0, where a pruned stream starts. Unless the trace is kept
-        for further pruned models, it lets go of them: the hidden states are then held twice (the dense and the
-        pruned stream), not three times."""
+    def _on_disk(self) -> bool:
+        return isinstance(self.walk.hidden, BatchesOnDisk)
+
+    def input_shapes(self) -> list[torch.Size]:
+        """Per batch, the shape of the hidden states entering layer 0 (without reading them from disk)."""
+        if self._on_disk():
+            return [self.walk.hidden.shapes[b] for b in range(len(self.streams))]
+        return [s[0].shape for s in self.streams]
+
+    def _input_dtypes(self) -> list[torch.dtype]:
+        if self._on_disk():
+            return [self.walk.hidden.dtypes[b] for b in range(len(self.streams))]
+        return [s[0].dtype for s in self.streams]
+
+    def inputs(self, directory: Path | None = None) -> "list[torch.Tensor] | BatchesOnDisk":
+        """The calibration hidden states entering layer 0, where a pruned stream starts: a list, or with
+        `directory` one file per batch there (BatchesOnDisk; required when the trace was captured to disk, whose
+        files are copied). Unless the trace is kept for further pruned models, it lets go of its in-memory
+        copy: the hidden states are then held twice (the dense and the pruned stream), not three times."""
+        if self._on_disk():
+            if directory is None:
+                raise ValueError("this dense trace holds its stream on disk: ask for the inputs in a directory")
+            return self.walk.hidden.copy_to(directory)
         hidden = [s[0] for s in self.streams]
         if not self.keep:
             self.streams = self.walk.streams = [(None, *s[1:]) for s in self.streams]
-        return hidden
+        return hidden if directory is None else BatchesOnDisk(directory, hidden)
 
     def hold_on_disk(self, directory: Path) -> None:
         """The dense stream's hidden states in one file per batch under `directory` from now on (correct.low_memory;
-        the stream is read and written one batch at a time). Not for a kept trace, whose targets are reused."""
+        the stream is read and written one batch at a time); nothing to do where it was captured to disk
+        (hidden_dir). Not for a kept trace, whose targets are reused."""
         if self.keep:
             raise ValueError("a kept dense trace holds its targets for later models: it cannot go to disk this way")
+        if self._on_disk():
+            return
+        if self.walk.next != 0:
+            raise RuntimeError("the dense stream goes to disk before the first layer runs")
         self.walk.hidden = BatchesOnDisk(directory, self.walk.hidden)
 
     @contextmanager
@@ -252,6 +282,8 @@ class BatchesOnDisk:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.devices: dict[int, torch.device] = {}
+        self.shapes: dict[int, torch.Size] = {}
+        self.dtypes: dict[int, torch.dtype] = {}
         for b, x in enumerate(tensors or []):
             self[b] = x
 
@@ -260,7 +292,18 @@ class BatchesOnDisk:
 
     def __setitem__(self, b: int, x: torch.Tensor) -> None:
         save_file({"x": x.detach().contiguous().cpu()}, self._path(b))
-        self.devices[b] = x.device
+        self.devices[b], self.shapes[b], self.dtypes[b] = x.device, x.shape, x.dtype
+
+    def copy_to(self, directory: Path) -> "BatchesOnDisk":
+        """The same tensors in files of their own under `directory` (a second stream that starts where this one
+        is), file by file: nothing is loaded."""
+        import shutil
+
+        other = BatchesOnDisk(directory)
+        for b in self.devices:
+            shutil.copyfile(self._path(b), other._path(b))
+            other.devices[b], other.shapes[b], other.dtypes[b] = self.devices[b], self.shapes[b], self.dtypes[b]
+        return other
 
     def __getitem__(self, b: int) -> torch.Tensor:
         return load_file(self._path(b), device=str(self.devices[b]))["x"]
@@ -271,17 +314,12 @@ class BatchesOnDisk:
     def pop(self, b: int) -> torch.Tensor:
         x = self[b]
         self._path(b).unlink()
-        del self.devices[b]
+        del self.devices[b], self.shapes[b], self.dtypes[b]
         return x
 
     def clear(self) -> None:
         for b in list(self.devices):
             self.pop(b)
-
-
-def _kept_heads(adapter: Adapter, i: int) -> int:
-    """How many query heads layer i of a sliced model has (0 where its attention was emptied)."""
-    return 0 if adapter.empty(i, "attn") else adapter.attn_out(i).in_features // adapter.head_dim
 
 
 def first_token_weights(mask: torch.Tensor, shape: torch.Size, weight: float,
@@ -316,13 +354,14 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
     pruned = get_adapter(pruned_model)
     post = pruned.post_norm
     layers = layers or SlicedLayers(pruned_model, device, trace.offload)
-    h_pruned = trace.inputs()  # replaced batch by batch, never written in place: no copy needed
     streams = trace.streams
     rows = [token_rows(s[3]) for s in streams]  # real tokens per batch (None: all, nothing to gather)
-    weights = [first_token_weights(s[3], h.shape[:2], first_token_weight, r)
-               for s, h, r in zip(streams, h_pruned, rows)]
-    if activations_dir is not None:  # both streams of hidden states on disk: memory holds one batch's
-        h_pruned = BatchesOnDisk(Path(activations_dir) / "pruned", h_pruned)
+    weights = [first_token_weights(s[3], shape[:2], first_token_weight, r)
+               for s, shape, r in zip(streams, trace.input_shapes(), rows)]
+    if activations_dir is None:
+        h_pruned = trace.inputs()  # replaced batch by batch, never written in place: no copy needed
+    else:  # both streams of hidden states on disk (the dense one maybe since its capture): memory holds one batch's
+        h_pruned = trace.inputs(Path(activations_dir) / "pruned")
         trace.hold_on_disk(Path(activations_dir) / "dense")
     report = []
     for i in tqdm(range(pruned.num_layers), desc="correct (sequential)", leave=False):
@@ -334,7 +373,7 @@ def correct_sequential(pruned_model, method: str, ridge: float, trace: DenseTrac
         # per batch, the FFN output projection's input, until the layer's output is made from it
         kept = {} if activations_dir is None else BatchesOnDisk(Path(activations_dir) / "ffn")
         with layers.layer(i) as layer, trace.layer(i) as dense:
-            weighted = first_token_where == "all" or _kept_heads(pruned, i) < trace.adapter.dense_heads
+            weighted = first_token_where == "all" or pruned.shape()[i].heads < trace.adapter.dense_heads
             layer_weights = weights if weighted else [None] * len(weights)
             for name in SUBLAYERS:
                 out = None if pruned.empty(i, name) else pruned.out_proj(i, name)

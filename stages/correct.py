@@ -56,6 +56,8 @@ def run(params: Params, layout: Layout) -> dict:
     streamed = offload == "disk" and uses_sequential(p)
     model = task.load_lazy(layout.dense) if streamed else task.load_model(layout.dense)
     t0 = time.perf_counter()  # `seconds` is the work; loading (mostly importing the model code) is apart
+    low_memory = uses_sequential(p) and with_disk(p.low_memory, offload)
+    activations_dir = None  # low_memory: where the refit's per-batch tensors wait (set inside the spill folder)
 
     def dense_trace():
         from pruneflow.sequential import DenseTrace
@@ -63,17 +65,17 @@ def run(params: Params, layout: Layout) -> dict:
         batches = task.refit_batches(layout.prepared, load_tokenizer(layout.dense), c, device, p.max_samples,
                                      token_cap=False)
         dense = task.load_lazy(layout.dense) if offload == "disk" else model
-        return DenseTrace(dense, batches, device, offload=offload)
+        # low_memory: each batch's dense hidden states go to disk as they are captured, not all of them first
+        hidden_dir = None if activations_dir is None else activations_dir / "dense"
+        return DenseTrace(dense, batches, device, offload=offload, hidden_dir=hidden_dir)
 
     stats = None if uses_sequential(p) else load_statistics(layout.stats)
     layout.pruned.parent.mkdir(parents=True, exist_ok=True)
-    low_memory = uses_sequential(p) and with_disk(p.low_memory, offload)
     # the streamed layers' spill (and the low-memory refit's activations) sit beside the output and go once the
     # model is saved
     spill = (tempfile.TemporaryDirectory(prefix=f".{layout.pruned.name}-spill-", dir=layout.pruned.parent)
              if streamed or low_memory else contextlib.nullcontext())
     with spill as spill_dir:
-        activations_dir = None
         if low_memory:
             activations_dir = Path(spill_dir) / "activations"
             activations_dir.mkdir()

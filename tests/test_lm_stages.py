@@ -304,3 +304,10 @@ def test_structured_chain_with_refit_windows_and_the_sensitivity_allocation(lm_p
                    ("select",), "--set", "runtime.offload=disk")
     assert (lm_project / "data/lm/select/selection.json").read_bytes() == chosen
     assert json.loads((m / "select.json").read_text())["probe_loss_rise"] == rise
+    # and correct with offload=disk (low_memory: the dense stream on disk from its capture, the pruned model
+    # streamed layer by layer) writes the same weights as in memory
+    weights = (lm_project / "data/lm/pruned/model.safetensors").read_bytes()
+    run_structured(lm_project, structured_params(lm_project, allocation="sensitivity", tilt=1.0, probe_samples=4),
+                   ("correct",), "--set", "runtime.offload=disk")
+    assert json.loads((m / "correct.json").read_text())["low_memory"] is True
+    assert (lm_project / "data/lm/pruned/model.safetensors").read_bytes() == weights

@@ -220,7 +220,34 @@ def test_low_memory_refit_is_bit_identical_and_holds_one_batch(family, tmp_path,
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
 
 
-def test_a_kept_trace_refuses_to_go_to_disk():
+def test_a_kept_trace_refuses_to_go_to_disk(tmp_path):
     trace = DenseTrace(FACTORIES["llama"](layers=2), batches_for("llama"), "cpu", keep=True)
     with pytest.raises(ValueError, match="kept dense trace"):
         trace.hold_on_disk("unused")
+    with pytest.raises(ValueError, match="kept dense trace"):
+        DenseTrace(FACTORIES["llama"](layers=2), batches_for("llama"), "cpu", keep=True, hidden_dir=tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_trace_captured_to_disk_refits_the_same(family, tmp_path):
+    """DenseTrace(hidden_dir=): each batch's hidden states entering layer 0 go to a file as they are captured
+    (no batch waits in memory for the others), and the low-memory refit starts from those files: the same
+    report and weights, bit for bit, as a trace captured in memory."""
+    model, lazy, keep_heads, keep_neurons = saved_tiny(family, tmp_path)
+    plan = Plan(keep_heads, keep_neurons)
+    reference = plan.apply(copy.deepcopy(model))
+    report = correct_sequential(reference, "lstsq", 1e-3, DenseTrace(lazy(), batches_for(family), "cpu",
+                                                                     offload="disk"), "cpu")
+
+    held = tmp_path / "activations"
+    trace = DenseTrace(lazy(), batches_for(family), "cpu", offload="disk", hidden_dir=held / "dense")
+    assert all(s[0] is None for s in trace.streams)  # nothing captured is held in memory
+    assert len(list((held / "dense").iterdir())) == len(batches_for(family))
+    assert trace.kept_bytes == DenseTrace(lazy(), batches_for(family), "cpu", offload="disk").kept_bytes
+    with pytest.raises(ValueError, match="in a directory"):
+        trace.inputs()
+    low = plan.apply(copy.deepcopy(model))
+    assert correct_sequential(low, "lstsq", 1e-3, trace, "cpu", activations_dir=held) == report
+    for (name, a), (_, b) in zip(sorted(reference.state_dict().items()), sorted(low.state_dict().items())):
+        assert torch.equal(a, b), name
+    assert all(not list(d.iterdir()) for d in held.iterdir())  # every file gone at the end

@@ -121,3 +121,32 @@ def test_calibration_benchmark_first_token_rms_reads_the_residual_stream_at_the_
     got = first_token_rms(model, windows, 1, 2, "cpu")
     assert got.shape == (5,)
     torch.testing.assert_close(got, hidden.pow(2).mean(-1).sqrt(), rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_tilt_resumes_from_its_cache_and_tests_each_tilt_against_the_default(tmp_path, monkeypatch):
+    """Every point cached: nothing is pruned again (run_point would fail here: no data), and the report pairs
+    each tilt with the default's outcomes on the same sentences."""
+    from benchmarks import classifier_tilt
+    from pruneflow import sweep
+
+    monkeypatch.setattr(sweep, "run_point", lambda *a, **k: pytest.fail("a cached point was run again"))
+    from pruneflow.params import read_raw
+
+    base = float(read_raw(classifier_tilt.PARAMS)["select"]["tilt"])  # the params' own tilt: the reference
+    other = 1.0 if base != 1.0 else 0.5
+    right = [True] * 10
+    def row(tilt, correct, drop):
+        return {"task": "rt", "tilt": tilt, "budget": 0.5, "accuracy_dense": 0.9, "accuracy": 0.9 - drop / 100,
+                "drop_points": drop, "agreement": 0.95, "n_eval": 10, "flops_ratio": 0.5, "neurons_per_layer": [8],
+                "items": {"accuracy_pruned": correct, "agreement": right}}
+    cache = tmp_path / "rows.json"
+    cache.write_text(json.dumps([row(base, right, 1.0), row(other, [False] * 3 + [True] * 7, 3.0)]))
+    out = tmp_path / "tilt.json"
+    classifier_tilt.main(["--tilts", str(other), "--budgets", "0.5", "--datasets", "rt", "--cache", str(cache),
+                          "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["default_tilt"] == base and report["mean_drop_points"] == {str(base): 1.0, str(other): 3.0}
+    default, steep = sorted(report["points"], key=lambda p: p["tilt"] != base)
+    assert default["vs_default"] is None and "items" not in steep
+    assert steep["vs_default"]["accuracy_pruned"] == {"a_only": 0, "b_only": 3, "p_value": 0.25}
+    assert steep["vs_default"]["agreement"]["p_value"] == 1.0

@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         vs = None if tilt == default else {k: mcnemar(r["items"][k], ref["items"][k]) for k in r["items"]}
         points.append({k: v for k, v in r.items() if k != "items"} | {"vs_default": vs})
     means = {str(t): statistics.mean(p["drop_points"] for p in points if p["tilt"] == t) for t in tilts}
-    write_json(args.out, {"default_tilt": default, "mean_drop_points": means,
-                                                       "points": points})
+    write_json(args.out, {"default_tilt": default, "mean_drop_points": means, "points": points})
     print(f"\n{'task':8} {'budget':>6} {'tilt':>5} {'lost':>6} {'agree':>6}   vs tilt {default}: "
           f"accuracy (this-only/default-only, p), agreement")
     for p in points:

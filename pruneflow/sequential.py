@@ -125,7 +125,7 @@ class DenseTrace:
         self._targets: dict[int, dict[str, list[torch.Tensor]] | Path] = {}
         # every target has the shape of the hidden states entering layer 0, one per sublayer and layer
         self.kept_bytes = len(SUBLAYERS) * self.adapter.num_layers * sum(
-            shape.numel() * dtype.itemsize for shape, dtype in zip(self.input_shapes(), self._input_dtypes()))
+            shape.numel() * dtype.itemsize for shape, dtype in self._input_specs())
 
     def call(self, i: int, b: int) -> tuple[tuple, dict]:
         """The (args, kwargs) layer i gets on batch b, besides the hidden states."""
@@ -134,16 +134,15 @@ class DenseTrace:
     def _on_disk(self) -> bool:
         return isinstance(self.walk.hidden, BatchesOnDisk)
 
-    def input_shapes(self) -> list[torch.Size]:
-        """Per batch, the shape of the hidden states entering layer 0 (without reading them from disk)."""
+    def _input_specs(self) -> list[tuple[torch.Size, torch.dtype]]:
+        """Per batch, the shape and dtype of the hidden states entering layer 0 (without reading them from disk)."""
         if self._on_disk():
-            return [self.walk.hidden.shapes[b] for b in range(len(self.streams))]
-        return [s[0].shape for s in self.streams]
+            return [self.walk.hidden.spec(b) for b in range(len(self.streams))]
+        return [(s[0].shape, s[0].dtype) for s in self.streams]
 
-    def _input_dtypes(self) -> list[torch.dtype]:
-        if self._on_disk():
-            return [self.walk.hidden.dtypes[b] for b in range(len(self.streams))]
-        return [s[0].dtype for s in self.streams]
+    def input_shapes(self) -> list[torch.Size]:
+        """Per batch, the shape of the hidden states entering layer 0."""
+        return [shape for shape, _ in self._input_specs()]
 
     def inputs(self, directory: Path | None = None) -> "list[torch.Tensor] | BatchesOnDisk":
         """The calibration hidden states entering layer 0, where a pruned stream starts: a list, or with
@@ -281,9 +280,8 @@ class BatchesOnDisk:
     def __init__(self, directory: Path, tensors: list[torch.Tensor] | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.devices: dict[int, torch.device] = {}
-        self.shapes: dict[int, torch.Size] = {}
-        self.dtypes: dict[int, torch.dtype] = {}
+        # per batch in a file: its tensor's device (where a read puts it back), shape and dtype
+        self.held: dict[int, tuple[torch.device, torch.Size, torch.dtype]] = {}
         for b, x in enumerate(tensors or []):
             self[b] = x
 
@@ -292,7 +290,11 @@ class BatchesOnDisk:
 
     def __setitem__(self, b: int, x: torch.Tensor) -> None:
         save_file({"x": x.detach().contiguous().cpu()}, self._path(b))
-        self.devices[b], self.shapes[b], self.dtypes[b] = x.device, x.shape, x.dtype
+        self.held[b] = (x.device, x.shape, x.dtype)
+
+    def spec(self, b: int) -> tuple[torch.Size, torch.dtype]:
+        """Batch b's tensor's shape and dtype, without reading it."""
+        return self.held[b][1:]
 
     def copy_to(self, directory: Path) -> "BatchesOnDisk":
         """The same tensors in files of their own under `directory` (a second stream that starts where this one
@@ -300,25 +302,25 @@ class BatchesOnDisk:
         import shutil
 
         other = BatchesOnDisk(directory)
-        for b in self.devices:
+        for b in self.held:
             shutil.copyfile(self._path(b), other._path(b))
-            other.devices[b], other.shapes[b], other.dtypes[b] = self.devices[b], self.shapes[b], self.dtypes[b]
+        other.held = dict(self.held)
         return other
 
     def __getitem__(self, b: int) -> torch.Tensor:
-        return load_file(self._path(b), device=str(self.devices[b]))["x"]
+        return load_file(self._path(b), device=str(self.held[b][0]))["x"]
 
     def __len__(self) -> int:
-        return len(self.devices)
+        return len(self.held)
 
     def pop(self, b: int) -> torch.Tensor:
         x = self[b]
         self._path(b).unlink()
-        del self.devices[b], self.shapes[b], self.dtypes[b]
+        del self.held[b]
         return x
 
     def clear(self) -> None:
-        for b in list(self.devices):
+        for b in list(self.held):
             self.pop(b)
 
 
